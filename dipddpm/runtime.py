@@ -1,0 +1,65 @@
+"""What a method gets to run: the resolved config, its output folder, device, seed, profile."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dipddpm.errors import require, require_choice
+
+
+def resolve_device(setting: str) -> torch.device:
+    """auto -> cuda when available else cpu; cuda without a GPU is a ConfigError."""
+    require_choice("device", setting, ("auto", "cpu", "cuda"))
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda":
+        require(torch.cuda.is_available(), "device", setting, "auto or cpu (no CUDA device is available)")
+    return torch.device(setting)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def apply_threads(threads) -> None:
+    """Set torch's CPU thread count (None keeps torch's default)."""
+    if threads is None:
+        return
+    require(isinstance(threads, int) and threads >= 1, "threads", threads, "null or an integer >= 1")
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+@dataclass
+class RunContext:
+    """Everything a method's ``run(ctx)`` needs besides the config."""
+
+    cfg: object
+    run_dir: Path
+    device: torch.device
+    seed: int
+    progress: bool
+    cache_dir: Path
+
+    @property
+    def profile(self):
+        return self.cfg.profile
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A torch generator on the run's device seeded by seed + offset."""
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(int(self.seed) * 1000003 + offset)
+        return generator
+
+    def scaled_steps(self, steps: int) -> int:
+        """Apply the profile's step_scale, keeping at least min_steps (and at least 1)."""
+        scale = float(self.profile.get("step_scale", 1.0))
+        return max(int(self.profile.get("min_steps", 1)), 1, int(round(steps * scale)))

@@ -1,0 +1,148 @@
+"""dipddpm-train: the Hydra app that runs one job (or, with -m, a sweep of jobs).
+
+Each job: validate the config (one-line error, nothing trained), skip it if its
+result.json is complete for the same config (resume), run the method, and write
+result.json atomically with status ok | diverged | failed. A failing job never stops
+its sweep; the exit status of a sweep is the number of jobs that failed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from dipddpm import sweep
+from dipddpm.errors import ConfigError, DivergedError
+from dipddpm.io import read_json, write_json_atomic, write_text_atomic
+from dipddpm.progress import progress_enabled
+
+log = logging.getLogger("dipddpm")
+
+CONF_DIR = sweep.config_dir()
+sweep.register_resolvers()
+
+OUTCOME = {"exit_code": 0}
+
+
+def _result_header(cfg: DictConfig, hydra_cfg) -> dict:
+    choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/") and v is not None}
+    overrides = sweep.overrides_dict(hydra_cfg.overrides.task)
+    return {
+        "experiment": cfg.experiment_name,
+        "method": cfg.method.name,
+        "seed": int(cfg.seed),
+        "overrides": overrides,
+        "choices": choices,
+        "config": sweep.flat_config(cfg),
+        "config_hash": sweep.config_hash(cfg),
+        "table": OmegaConf.to_container(cfg.table, resolve=True) | {"report": OmegaConf.to_container(cfg.report, resolve=True)},
+    }
+
+
+def run_job(cfg: DictConfig) -> str:
+    """Run one job in Hydra's output folder; return its status."""
+    from dipddpm.methods import get_method
+    from dipddpm.runtime import RunContext, apply_threads, resolve_device, seed_everything
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    result_path = run_dir / "result.json"
+    header = _result_header(cfg, hydra_cfg)
+
+    if not cfg.force and not cfg.dry_run and sweep.is_complete(result_path, header["config_hash"]):
+        log.info("skip %s: complete result for this config (force=true re-runs it)", run_dir.name)
+        return read_json(result_path)["status"]
+    lock = sweep.JobLock(run_dir / ".lock")
+    if not lock.acquire():
+        log.info("skip %s: running in another process (%s)", run_dir.name, lock.holder())
+        return "running"
+    started = _dt.datetime.now().isoformat(timespec="seconds")
+    try:
+        try:
+            method = get_method(cfg.method.name)
+            apply_threads(cfg.threads)
+            device = resolve_device(cfg.device)
+            method.validate(cfg)
+        except ConfigError as error:
+            if not multirun:
+                print(f"dipddpm-train: error: {error}", file=sys.stderr)
+                return "config_error"
+            raise
+        if cfg.dry_run:
+            text, plan = method.describe(cfg)
+            print(text)
+            write_json_atomic(run_dir / "plan.json", plan)
+            log.info("plan written to %s", run_dir / "plan.json")
+            return "dry_run"
+        seed_everything(int(cfg.seed))
+        ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device, seed=int(cfg.seed),
+                         progress=progress_enabled(), cache_dir=Path(cfg.cache_dir).absolute())
+        uses = method.clean_image_uses(cfg)
+        began = time.perf_counter()
+        metrics = method.run(ctx)
+        result = {"status": "ok", "error": None, **header, "device": str(device),
+                  "uses_clean_image": bool(uses), "clean_image_uses": uses, "metrics": metrics,
+                  "job_seconds": time.perf_counter() - began}
+    except DivergedError as error:
+        result = {"status": "diverged", "error": {"type": "DivergedError", "message": str(error), "step": error.step},
+                  **header, "metrics": {}}
+    except Exception as error:  # recorded, the sweep goes on
+        write_text_atomic(run_dir / "traceback.txt", traceback.format_exc())
+        result = {"status": "failed", "error": {"type": type(error).__name__, "message": str(error),
+                                                "traceback_file": "traceback.txt"}, **header, "metrics": {}}
+        if isinstance(error, ConfigError) and sweep.is_complete(result_path, None):
+            log.error("%s: %s (kept the earlier complete result)", run_dir.name, error)
+            return "failed"
+    finally:
+        lock.release()
+    result["started"] = started
+    result["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
+    write_json_atomic(result_path, result)
+    status = result["status"]
+    metrics = result["metrics"]
+    if status == "ok":
+        summary = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("psnr_noisy_input", "psnr_final", "psnr_best", "psnr_stop",
+                                                              "psnr_mean", "frechet", "wall_seconds")
+                            if isinstance(metrics.get(k), (int, float)))
+        log.info("done: %s", summary)
+    else:
+        log.error("%s: %s", status, result["error"]["message"])
+    log.info("results: %s", run_dir.absolute())
+    return status
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> None:
+    status = run_job(cfg)
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        OUTCOME["exit_code"] = {"ok": 0, "dry_run": 0, "running": 0, "config_error": 2}.get(status, 1)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Console entry point: check group choices first, run Hydra, exit with the outcome."""
+    argv = sys.argv[1:] if argv is None else argv
+    problem = sweep.check_group_choices(argv) or sweep.check_composition(argv)
+    if problem:
+        print(f"dipddpm-train: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv = [sys.argv[0]] + list(argv)
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    main()
+    failed = sweep.LAST_SWEEP.get("failed")
+    sys.exit(min(int(failed), 100) if failed is not None else OUTCOME["exit_code"])
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,105 @@
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dipddpm.early_stop import PsnrPatience, WindowedVariance, build_early_stop
+from dipddpm.errors import ConfigError
+
+
+def stop_index(rule, sequence):
+    """Feed psnr values at checks 0, 1, 2, ...; return the check index where the rule stops."""
+    rule.start_stage(0)
+    for index, value in enumerate(sequence):
+        if rule.check(index, value):
+            return index
+    return None
+
+
+def expected_stop(sequence, patience, min_delta, reset):
+    """Independent statement of report R1's rule."""
+    best, count = -math.inf, 0
+    for index, value in enumerate(sequence):
+        if value - best >= min_delta:
+            best = value
+            if reset:
+                count = 0
+        else:
+            count += 1
+        if count >= patience:
+            return index
+    return None
+
+
+def test_r1_rule_cumulative_counter_stops_at_patience_non_improvements():
+    # improves at checks 0..4, flat after: with a cumulative counter and patience 3 the
+    # 3rd non-improvement (check 7) stops.
+    seq = [10, 11, 12, 13, 14, 14, 14, 14, 14, 14]
+    rule = PsnrPatience(every=10, patience=3, min_delta=0.001, reset_on_improve=False, carry_best=True)
+    assert stop_index(rule, seq) == 7 == expected_stop(seq, 3, 0.001, False)
+
+
+def test_r1_rule_reset_vs_cumulative_differ():
+    # alternating flat/improving: the cumulative counter reaches 3 early, the reset one never does
+    seq = [10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15]
+    cumulative = PsnrPatience(1, 3, 0.001, reset_on_improve=False, carry_best=True)
+    resetting = PsnrPatience(1, 3, 0.001, reset_on_improve=True, carry_best=True)
+    assert stop_index(cumulative, seq) == 5 == expected_stop(seq, 3, 0.001, False)
+    assert stop_index(resetting, seq) is None
+    assert expected_stop(seq, 3, 0.001, True) is None
+
+
+def test_r1_rule_min_delta_counts_tiny_gains_as_no_improvement():
+    seq = [10, 10.0005, 10.0009, 10.0012]
+    rule = PsnrPatience(1, 2, 0.001, reset_on_improve=True, carry_best=True)
+    assert stop_index(rule, seq) == 2
+
+
+def test_best_carries_across_stages_but_counter_restarts():
+    rule = PsnrPatience(1, 2, 0.001, reset_on_improve=False, carry_best=True)
+    assert stop_index(rule, [20, 19]) is None  # one miss
+    rule.start_stage(1)
+    assert rule.count == 0 and rule.best == 20
+    assert not rule.check(0, 19.5)  # below the carried best: a miss
+    assert rule.check(1, 19.6)
+    fresh = PsnrPatience(1, 2, 0.001, reset_on_improve=False, carry_best=False)
+    stop_index(fresh, [20])
+    fresh.start_stage(1)
+    assert fresh.best == -math.inf
+
+
+def test_wmv_stops_patience_steps_after_the_variance_minimum():
+    # outputs: noisy (high variance), then a calm stretch (steps 20..39), then noisy again
+    torch.manual_seed(0)
+    rule = WindowedVariance(window=5, patience=10)
+    stopped_at = None
+    for step in range(80):
+        amplitude = 0.001 if 20 <= step < 40 else 0.3
+        output = torch.full((1, 1, 4, 4), 0.5) + amplitude * torch.randn(1, 1, 4, 4)
+        rule.observe(step, output)
+        if rule.check(step):
+            stopped_at = step
+            break
+    min_step, _ = rule.minimum()
+    # the window [min_step-4, min_step] is inside the calm stretch
+    assert 24 <= min_step <= 39
+    assert stopped_at == min_step + 10
+    assert rule.chosen_output() is not None
+
+
+def test_wmv_variance_equals_direct_computation():
+    rule = WindowedVariance(window=3, patience=100)
+    frames = [torch.rand(1, 2, 3, 3) for _ in range(5)]
+    for step, frame in enumerate(frames):
+        rule.observe(step, frame)
+    window = torch.stack([f.double() for f in frames[-3:]])
+    expected = window.var(dim=0, unbiased=False).mean().item()
+    assert abs(rule.last_variance() - expected) < 1e-12
+
+
+def test_build_early_stop_validates():
+    with pytest.raises(ConfigError, match="early_stop.name"):
+        build_early_stop(OmegaConf.create({"name": "sometimes"}))
+    with pytest.raises(ConfigError, match="early_stop.window"):
+        build_early_stop(OmegaConf.create({"name": "wmv", "window": 1, "patience": 5}))

@@ -1,0 +1,126 @@
+"""The app end to end, as a user runs it: one job, its files, its errors."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dipddpm.dip import DipSettings, Stage, fit_dip
+from dipddpm.errors import DivergedError
+
+TINY = ["backbone=skip_mnist", "data.size=32", "method.steps=12", "eval_every=4", "method.code_channels=4"]
+
+
+def run_dir_from(output: str) -> Path:
+    line = [l for l in output.splitlines() if "results: " in l][-1]
+    return Path(line.split("results: ", 1)[1].strip())
+
+
+def test_tiny_run_writes_every_file(train, tmp_path):
+    proc = train(*TINY, f"output_root={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = run_dir_from(proc.stdout + proc.stderr)
+    for name in ("result.json", "curve.csv", "clean.png", "noisy.png", "final.png", "best.png", "curves.png"):
+        assert (run / name).is_file(), name
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "ok" and result["seed"] == 0 and result["device"] == "cpu"
+    assert result["choices"]["backbone"] == "skip_mnist"
+    assert result["config"]["data.size"] == 32 and result["config"]["method.steps"] == 12
+    metrics = result["metrics"]
+    for key in ("psnr_final", "ssim_final", "psnr_best", "ssim_best", "psnr_stop", "ssim_stop", "psnr_noisy_input",
+                "psnr_final_vs_noisy", "best_step", "stop_step", "loss_final", "wall_seconds", "steps", "steps_per_second"):
+        assert metrics[key] is not None, key
+    assert metrics["steps"] == 12 and metrics["stop_step"] == 11
+    assert result["uses_clean_image"] is False
+    rows = list(csv.DictReader((run / "curve.csv").open()))
+    assert list(rows[0]) == ["step", "stage", "stage_step", "loss", "psnr", "ssim", "psnr_noisy", "nr_stat"]
+    assert [int(r["step"]) for r in rows] == [0, 4, 8, 11]
+    assert max(float(r["psnr"]) for r in rows) == pytest.approx(metrics["psnr_best"], abs=1e-6)
+
+
+def test_same_seed_gives_identical_metrics(train, tmp_path):
+    first = train(*TINY, f"output_root={tmp_path / 'a'}")
+    second = train(*TINY, f"output_root={tmp_path / 'b'}")
+    load = lambda p: json.loads((run_dir_from(p.stdout + p.stderr) / "result.json").read_text())["metrics"]  # noqa: E731
+    a, b = load(first), load(second)
+    timing = {"wall_seconds", "steps_per_second"}
+    assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    third = train(*TINY, "seed=1", f"output_root={tmp_path / 'c'}")
+    assert load(third)["psnr_final"] != a["psnr_final"]
+
+
+@pytest.mark.parametrize("args,key", [
+    (["backbone=nonsense"], "backbone='nonsense'"),
+    (["data.path=/no/such.png"], "data.path='/no/such.png'"),
+    (["data.size=100"], "data.size=100"),
+    (["data.sigma=1.5"], "data.sigma=1.5"),
+    (["optim.lr=0"], "optim.lr=0"),
+    (["method.steps=0"], "method.steps=0"),
+    (["backbone=cnn", "backbone.depth=7"], "backbone.depth=7"),
+    (["data.sizee=3"], "data.sizee='3'"),
+    (["early_stop=sometimes"], "early_stop='sometimes'"),
+])
+def test_bad_input_is_one_line_naming_the_key(train, tmp_path, args, key):
+    proc = train(*args, f"output_root={tmp_path}")
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip() and "Warning" not in l and "warn" not in l]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"dipddpm-train: error: {key} is not allowed: ")
+    assert not list(tmp_path.rglob("result.json"))
+
+
+def test_dry_run_writes_plan_without_training(train, tmp_path):
+    proc = train("noise_plan=gradual", "epoch_plan=list", "epoch_plan.steps=[5,6,7]", "dry_run=true", f"output_root={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    plans = list(tmp_path.rglob("plan.json"))
+    assert len(plans) == 1 and not list(tmp_path.rglob("result.json"))
+    plan = json.loads(plans[0].read_text())
+    assert [s["steps"] for s in plan["stages"]] == [5, 6, 7]
+    assert [s["sigma"] for s in plan["stages"]] == [0.1, 0.05, 0.025]
+
+
+def test_diverging_run_is_recorded_as_diverged(train, tmp_path):
+    proc = train("backbone=cnn", "backbone.depth=3", "data.size=16", "method.steps=30", "eval_every=10",
+                 "optim.lr=1e30", "method.input=noisy", f"output_root={tmp_path}")
+    assert proc.returncode == 1
+    result = json.loads(next(tmp_path.rglob("result.json")).read_text())
+    assert result["status"] == "diverged"
+    assert result["error"]["type"] == "DivergedError"
+    assert "nan" not in json.dumps(result["metrics"]).lower()
+
+
+class NanAfter(torch.nn.Module):
+    """Identity-ish net whose output becomes NaN from call ``n`` on."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.calls, self.n = 0, n
+
+    def forward(self, x):
+        self.calls += 1
+        out = x * self.scale
+        return out * float("nan") if self.calls > self.n else out
+
+
+def test_fit_dip_reports_the_first_bad_step():
+    target = torch.rand(1, 1, 4, 4)
+    stage = Stage(index=0, steps=20, net_input=torch.rand(1, 1, 4, 4), target=target)
+    with pytest.raises(DivergedError) as info:
+        fit_dip(NanAfter(7), [stage], DipSettings(eval_every=10), clean=target)
+    assert info.value.step == 7
+
+
+def test_fit_dip_stages_share_one_network_and_record_stage_boundaries():
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(1, 1, 3, padding=1)
+    clean = torch.rand(1, 1, 8, 8)
+    stages = [Stage(i, 5, torch.rand(1, 1, 8, 8), clean) for i in range(3)]
+    result = fit_dip(net, stages, DipSettings(eval_every=2, lr=0.01), clean=clean)
+    assert result.steps_run == 15
+    assert [r["step"] for r in result.curve] == [0, 2, 4, 5, 7, 9, 10, 12, 14]
+    assert [r["stage"] for r in result.curve] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [s.stop_step for s in result.stages] == [4, 4, 4]
+    assert result.best_step == max(result.curve, key=lambda r: r["psnr"])["step"]
