@@ -26,8 +26,12 @@ import pandas as pd
 from dipddpm.io import read_json, save_figure_atomic, write_csv_atomic, write_text_atomic
 
 BASE_COLUMNS = ["job_dir", "status", "error", "seed", "method", "experiment", "config_hash"]
-FIELD_PREFIXES = ["override.", "choice.", "cfg."]
-TOP_LEVEL_FIELDS = ["method", "experiment", "seed", "status", "config_hash"]
+OPTIONAL_BASE_COLUMNS = ["baseline"]     # present only when some run is a classical baseline
+FIELD_PREFIXES = ["override.", "choice.", "cfg.", "item."]
+TOP_LEVEL_FIELDS = ["method", "experiment", "seed", "status", "config_hash", "baseline"]
+ITEMS_METRIC = "items"                   # a list of per-item dicts in metrics: one frame row per item
+BASELINE_LABEL = "classical: {}"
+MEAN_ROW_LABEL = "mean"
 PREFERRED_VALUES = ["psnr_final", "ssim_final", "wall_seconds"]
 SPEC_SUBTREES = ("table", "report", "hydra")
 DEFAULT_FORMAT = ".4g"
@@ -168,6 +172,7 @@ class RunRecord:
 
     row: dict
     spec: dict | None = None
+    items: list | None = None
 
 
 def _spec_from(table, report) -> dict | None:
@@ -194,6 +199,8 @@ def _record_from_result(job_dir: Path) -> RunRecord:
         "experiment": result.get("experiment"),
         "config_hash": result.get("config_hash"),
     }
+    if result.get("baseline"):
+        row["baseline"] = str(result["baseline"])
     for key, value in (result.get("overrides") or {}).items():
         row[f"override.{key}"] = _cell(value)
     for key, value in (result.get("choices") or {}).items():
@@ -202,15 +209,42 @@ def _record_from_result(job_dir: Path) -> RunRecord:
     for key, value in _flatten(config).items():
         if not _is_spec_key(key):
             row[f"cfg.{key}"] = _cell(value)
-    for name, value in (result.get("metrics") or {}).items():
+    metrics = result.get("metrics") or {}
+    items = metrics.get(ITEMS_METRIC)
+    items = items if isinstance(items, list) and items and all(isinstance(i, dict) for i in items) else None
+    _add_metrics(row, {k: v for k, v in metrics.items() if not (items and k == ITEMS_METRIC)})
+    table = result.get("table") or config.get("table") or _subtree(config, "table")
+    spec = _spec_from(table, result.get("report") or config.get("report"))
+    return RunRecord(row, spec, items)
+
+
+def _add_metrics(row: dict, metrics: dict) -> None:
+    """Metrics into a frame row; a list metric becomes <metric>.1, <metric>.2, ..."""
+    for name, value in metrics.items():
         if isinstance(value, (list, tuple)):
             for index, item in enumerate(value, start=1):
                 row[f"{name}.{index}"] = item
         else:
             row[name] = value
-    table = result.get("table") or config.get("table") or _subtree(config, "table")
-    spec = _spec_from(table, result.get("report") or config.get("report"))
-    return RunRecord(row, spec)
+
+
+def _is_identity_column(name: str) -> bool:
+    return name in BASE_COLUMNS or name in OPTIONAL_BASE_COLUMNS or any(name.startswith(p) for p in FIELD_PREFIXES)
+
+
+def _expand_items(record: RunRecord) -> list[RunRecord]:
+    """A run whose metrics hold `items` -> one record per item: the run's identity, the item's
+    text values as item.<key> fields and its other values as metrics (the run's own metrics are dropped)."""
+    if not record.items:
+        return [record]
+    identity = {key: value for key, value in record.row.items() if _is_identity_column(key)}
+    expanded = []
+    for item in record.items:
+        row = dict(identity)
+        row.update({f"item.{key}": value for key, value in item.items() if isinstance(value, str)})
+        _add_metrics(row, {key: value for key, value in item.items() if not isinstance(value, (str, dict))})
+        expanded.append(RunRecord(row, record.spec))
+    return expanded
 
 
 def _subtree(flat: dict, head: str) -> dict:
@@ -259,15 +293,17 @@ def _record_from_hydra(job_dir: Path) -> RunRecord:
 
 
 def _gather_records(paths) -> list[RunRecord]:
-    return [
+    records = [
         _record_from_result(job_dir) if has_result else _record_from_hydra(job_dir)
         for job_dir, has_result in find_jobs(paths)
     ]
+    return [expanded for record in records for expanded in _expand_items(record)]
 
 
 def _frame_from_records(records: list[RunRecord]) -> pd.DataFrame:
     groups: dict[str, list[str]] = {"prefixed": [], "metrics": []}
-    seen = set(BASE_COLUMNS)
+    optional = [name for name in OPTIONAL_BASE_COLUMNS if any(name in record.row for record in records)]
+    seen = set(BASE_COLUMNS) | set(optional)
     for record in records:
         for key in record.row:
             if key not in seen:
@@ -275,7 +311,7 @@ def _frame_from_records(records: list[RunRecord]) -> pd.DataFrame:
                 target = "prefixed" if any(key.startswith(p) for p in FIELD_PREFIXES) else "metrics"
                 groups[target].append(key)
     prefixed = sorted(groups["prefixed"], key=lambda k: FIELD_PREFIXES.index(k.split(".", 1)[0] + "."))
-    columns = BASE_COLUMNS + prefixed + groups["metrics"]
+    columns = BASE_COLUMNS + optional + prefixed + groups["metrics"]
     frame = pd.DataFrame([record.row for record in records], columns=columns, dtype=object)
     frame["seed"] = _integer_column(frame["seed"])
     for name in groups["metrics"]:
@@ -302,7 +338,7 @@ def metric_columns(frame: pd.DataFrame) -> list[str]:
     return [
         column
         for column in frame.columns
-        if column not in BASE_COLUMNS and not any(column.startswith(p) for p in FIELD_PREFIXES)
+        if not _is_identity_column(column)
     ]
 
 
@@ -329,8 +365,8 @@ def field_text(value) -> str:
 
 
 def field_values(frame: pd.DataFrame, name: str) -> pd.Series:
-    """A field per run as text: overrides, then choices, then config, then top-level keys."""
-    sources = [f"override.{name}", f"choice.{name}", f"cfg.{name}"]
+    """A field per run as text: result items, overrides, then choices, then config, then top-level keys."""
+    sources = [f"item.{name}", f"override.{name}", f"choice.{name}", f"cfg.{name}"]
     if name in TOP_LEVEL_FIELDS:
         sources.append(name)
     sources = [source for source in sources if source in frame.columns]
@@ -468,11 +504,40 @@ def _summary(sample: np.ndarray) -> tuple[float, float, int]:
     return mean, std, int(sample.size)
 
 
+def _is_data_field(name: str) -> bool:
+    """Fields of the data group: a baseline row keeps these and drops every other field."""
+    return name == "data" or name.startswith("data.")
+
+
+def _baseline_mask(frame: pd.DataFrame) -> np.ndarray:
+    """True for runs that are classical baselines beside a sweep (result.json has `baseline`)."""
+    if "baseline" not in frame.columns:
+        return np.zeros(len(frame), dtype=bool)
+    return frame["baseline"].map(lambda value: field_text(value) != "").to_numpy(dtype=bool)
+
+
+def _key_matches(run_key: tuple, key: tuple) -> bool:
+    """A run's key against a table key; None in the run's key (a baseline's pivot field) matches any value."""
+    return all(part is None or part == value for part, value in zip(run_key, key))
+
+
 def build_table(frame: pd.DataFrame, spec: dict | None = None) -> ComparisonTable:
-    """Mean ± std of each value per row key (and pivot column key), beside the report's numbers."""
+    """Mean ± std of each value per row key (and pivot column key), beside the report's numbers.
+
+    Baseline runs become rows labelled `classical: <algorithm>` (plus the image side when the
+    baselines ran at several) after the others, in every pivot column; `mean_row: true` adds a
+    row of the means over the other rows (docs/BASELINES.md).
+    """
     spec = dict(spec or {})
     column_fields = [str(f) for f in spec.get("columns") or []]
-    row_fields = [str(f) for f in spec["rows"]] if spec.get("rows") else auto_row_fields(frame, column_fields)
+    baseline = _baseline_mask(frame)
+    regular = frame[~baseline] if (~baseline).any() else frame
+    row_fields = [str(f) for f in spec["rows"]] if spec.get("rows") else auto_row_fields(regular, column_fields)
+    label_field = None
+    if baseline.any():
+        label_field = next((f for f in row_fields if not _is_data_field(f)), None)
+        if label_field is None:
+            row_fields, label_field = ["method"] + row_fields, "method"
     values = [str(v) for v in spec.get("values") or _default_values(frame)]
     formats = spec.get("format") or {}
     labels = spec.get("labels") or {}
@@ -482,43 +547,83 @@ def build_table(frame: pd.DataFrame, spec: dict | None = None) -> ComparisonTabl
     keyed = {name: field_values(frame, name) for name in dict.fromkeys(row_fields + column_fields)}
     row_keys = list(zip(*(keyed[f] for f in row_fields))) if row_fields else [()] * len(frame)
     col_keys = list(zip(*(keyed[f] for f in column_fields))) if column_fields else [()] * len(frame)
-    rows_order = _ordered_keys(row_keys, report, row_fields)
-    cols_order = _ordered_keys(col_keys, report, column_fields)
+    positions = np.flatnonzero(baseline)
+    sizes = frame["image_size"].map(field_text) if "image_size" in frame.columns else pd.Series("", index=frame.index)
+    sizes_vary = len({sizes.iloc[p] for p in positions} - {""}) > 1
+    for position in positions:
+        label = BASELINE_LABEL.format(field_text(frame["baseline"].iloc[position]))
+        if sizes_vary and sizes.iloc[position]:
+            label += f" ({sizes.iloc[position]} px)"
+        row_keys[position] = tuple(
+            label if f == label_field else keyed[f].iloc[position] if _is_data_field(f) else "" for f in row_fields)
+        col_keys[position] = tuple(keyed[f].iloc[position] if _is_data_field(f) else None for f in column_fields)
+    rows_order = _ordered_keys([k for k, b in zip(row_keys, baseline) if not b], report, row_fields)
+    baseline_rows = sorted({k for k, b in zip(row_keys, baseline) if b} - set(rows_order),
+                           key=lambda key: [_value_sort_key(part) for part in key])
+    observed_cols = [k for k, b in zip(col_keys, baseline) if not b]
+    observed_cols = observed_cols or [tuple("" if part is None else part for part in k) for k in col_keys]
+    cols_order = _ordered_keys(observed_cols, report, column_fields)
     is_ok = frame["status"].map(lambda status: status == "ok").to_numpy(dtype=bool)
     numbers = {
         name: pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=float)
         if name in frame.columns else np.full(len(frame), np.nan)
         for name in values
     }
+    plan = [(key, "regular") for key in rows_order]
+    if spec.get("mean_row") and row_fields and rows_order:
+        plan.append(((MEAN_ROW_LABEL,) + ("",) * (len(row_fields) - 1), "mean"))
+    plan += [(key, "baseline") for key in baseline_rows]
 
     numeric_rows, display_rows, cell_labels = [], [], []
     reported: set[tuple[tuple, str]] = set()
-    for row_key in rows_order:
+    row_means: dict[tuple, list[float]] = {}
+    totals: dict[tuple, list[int]] = {}
+    for row_key, kind in plan:
         display = {_header(labels, f): _label(labels, f, v) for f, v in zip(row_fields, row_key)}
         display["n"] = display["failed"] = 0
+        row_members = np.zeros(len(frame), dtype=bool)
         for col_key in cols_order:
             key = dict(zip(row_fields, row_key)) | dict(zip(column_fields, col_key))
-            members = np.array([rk == row_key and ck == col_key for rk, ck in zip(row_keys, col_keys)], dtype=bool)
             numeric = dict(key)
             suffix = _pivot_suffix(labels, column_fields, col_key)
+            members = np.array([rk == row_key and _key_matches(ck, col_key) for rk, ck in zip(row_keys, col_keys)],
+                               dtype=bool)
+            ok = members & is_ok
             for name in values:
-                mean, std, count = _summary(numbers[name][members & is_ok])
-                report_value = _report_value(report, key, name)
+                if kind == "mean":
+                    mean, std, count = _summary(np.array(row_means.get((col_key, name), []), dtype=float))
+                else:
+                    mean, std, count = _summary(numbers[name][ok])
+                report_value = _report_value(report, key, name) if kind == "regular" else None
                 numeric[f"{name}_mean"] = mean
                 numeric[f"{name}_std"] = std
                 numeric[f"{name}_report"] = report_value if _as_number(report_value) is None else float(report_value)
                 header = _header(labels, name) + suffix
-                display[header] = _format_ours(mean, std, count, str(formats.get(name, DEFAULT_FORMAT)))
+                shown = _format_ours(mean, std, count, str(formats.get(name, DEFAULT_FORMAT)))
+                display[header] = NO_VALUE if kind == "baseline" and count == 0 and ok.any() else shown
                 display[header + " (report)"] = _format_report(report_value)
                 if report_value is not None:
                     reported.add((col_key, name))
-            numeric["n"] = int((members & is_ok).sum())
-            numeric["failed"] = int((members & ~is_ok).sum())
-            display["n"] += numeric["n"]
-            display["failed"] += numeric["failed"]
+                if kind == "regular":
+                    row_means.setdefault((col_key, name), []).append(mean)
+            if kind == "mean":
+                numeric["n"], numeric["failed"] = totals.get(col_key, [0, 0])
+                display["n"] += numeric["n"]
+                display["failed"] += numeric["failed"]
+            else:
+                numeric["n"] = int(ok.sum())
+                numeric["failed"] = int((members & ~is_ok).sum())
+                row_members |= members
+            if kind == "regular":
+                cell_total = totals.setdefault(col_key, [0, 0])
+                cell_total[0] += numeric["n"]
+                cell_total[1] += numeric["failed"]
             numeric_rows.append(numeric)
             fields_and_values = zip(row_fields + column_fields, row_key + col_key)
             cell_labels.append(", ".join(_label(labels, f, v) for f, v in fields_and_values))
+        if kind != "mean":
+            display["n"] = int((row_members & is_ok).sum())
+            display["failed"] = int((row_members & ~is_ok).sum())
         display_rows.append(display)
 
     numeric_columns = list(dict.fromkeys(row_fields + column_fields))

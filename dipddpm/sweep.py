@@ -110,7 +110,7 @@ class JobLock:
             return True
         except PermissionError:
             return False
-        return int(pid) == os.getpid()
+        return False
 
     def acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)

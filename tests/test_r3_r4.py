@@ -1,0 +1,217 @@
+"""Reports R3 (ddpm_single) and R4 (ddpm_dipnoise): every experiment as a smoke sweep,
+checkpoint reuse across jobs, reverse-chain model calls, passes=0 == plain DDPM, config errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torch import nn
+
+from dipddpm.diffusion import ancestral_sample
+from dipddpm.errors import ConfigError
+from dipddpm.methods import diffusion_common as common
+from dipddpm.methods import ddpm_dipnoise, ddpm_single
+from dipddpm.schedulers import linear_schedule
+from dipddpm.sweep import config_dir
+
+# Reverse chains shortened 100x under smoke (the profile's sample_step_scale; quick and
+# faithful keep the real lengths).
+CHAIN_SCALE = 0.01
+SMOKE = ["profile=smoke", "seeds=1", "threads=1", f"++profile.sample_step_scale={CHAIN_SCALE}"]
+
+# experiment -> (extra sweep overrides that trim it, jobs, DDPM trainings in the sweep)
+EXPERIMENTS = {
+    "truncated/dip_vs_clean": ([], 2, 2),
+    "truncated/schedule_length": ([], 2, 2),
+    "dipnoise/time_vs_steps": ([], 20, 1),
+    "dipnoise/passes_steps": (["method.dip_passes=0,2,50"], 9, 1),
+    "dipnoise/ddpm_epochs": ([], 4, 4),
+    "dipnoise/dip_in_training": ([], 4, 2),
+}
+
+
+@pytest.fixture(scope="session")
+def classifier_files(tmp_path_factory):
+    """The digit classifier's cache files, trained once for every sweep below."""
+    from dipddpm.digit_metrics import get_digit_classifier
+
+    folder = tmp_path_factory.mktemp("classifier")
+    get_digit_classifier(folder, "cpu")
+    return sorted(folder.iterdir())
+
+
+def fresh_cache(tmp_path, classifier_files) -> Path:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for file in classifier_files:
+        shutil.copy(file, cache / file.name)
+    return cache
+
+
+def run_sweep(experiment, tmp_path, cache, extra=()):
+    command = [sys.executable, "-c", "from dipddpm.train import cli; cli()", "-m", f"experiment={experiment}",
+               *SMOKE, f"output_root={tmp_path}", f"cache_dir={cache}", *extra]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    sweep = tmp_path / "sweeps" / experiment / "smoke"
+    return sweep, [json.loads(p.read_text()) | {"dir": p.parent} for p in sorted(sweep.rglob("result.json"))]
+
+
+def expected_calls(result) -> int:
+    config = result["config"]
+    if result["method"] == "ddpm_single":
+        t_start = min(config["method.sample.t_start"], config["scheduler.num_timesteps"] - 1)
+        return max(1, round((t_start + 1) * CHAIN_SCALE))
+    return max(1, round(config["method.steps"] * CHAIN_SCALE))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", list(EXPERIMENTS))
+def test_experiment_smoke_sweep(experiment, tmp_path, classifier_files):
+    trim, jobs, trainings = EXPERIMENTS[experiment]
+    sweep, results = run_sweep(experiment, tmp_path, fresh_cache(tmp_path, classifier_files), trim)
+    assert len(results) == jobs
+    for result in results:
+        assert result["status"] == "ok", result["error"]
+        assert result["experiment"] == experiment
+        metrics = result["metrics"]
+        for value in result["table"]["values"]:
+            if value == "dip_psnr" and result["config"]["method.x0_source"] == "clean":
+                assert value not in metrics
+                continue
+            assert isinstance(metrics[value], (int, float)) and math.isfinite(metrics[value]), value
+        assert metrics["model_calls"] == expected_calls(result)
+        assert 0.0 <= metrics["confidence"] <= 1.0 and metrics["frechet"] >= 0.0
+        assert metrics["sample_seconds"] > 0
+        assert (result["dir"] / "samples.png").is_file()
+    assert sum(r["metrics"]["ddpm_trained_now"] for r in results) == trainings
+    assert sum(not r["metrics"]["ddpm_trained_now"] for r in results) == jobs - trainings
+    table = (sweep / "table.md").read_text()
+    spec = results[0]["table"]
+    shown = [entry[v] for entry in spec["report"] for v in spec["values"] if v in entry]
+    assert shown and all((format(v, ".6g") if isinstance(v, float) else str(v)) in table for v in shown)
+
+
+class CountingEps(nn.Module):
+    """eps = 0.1 x, counting its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(0.1))
+        self.calls = 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        return self.weight * x
+
+
+def tiny_dip():
+    """A 1-level skip net with BatchNorm: (N, 1, 8, 8) -> (N, 1, 8, 8) in [0, 1]."""
+    from omegaconf import OmegaConf
+
+    from dipddpm.models import build_backbone
+
+    cfg = OmegaConf.create({"name": "skip", "num_channels_down": [4], "num_channels_up": [4],
+                            "num_channels_skip": [2], "pad": "zero"})
+    torch.manual_seed(0)
+    return build_backbone(cfg, 1, 1)
+
+
+@pytest.mark.parametrize("passes", [0, 3])
+def test_chain_of_s_steps_makes_s_model_calls(passes):
+    schedule = linear_schedule(50, 1e-4, 0.02)
+    for steps in (1, 7, 50):
+        model = CountingEps()
+        result = ddpm_dipnoise.sample_with_dip(model, schedule, 2, steps, dip=tiny_dip(), passes=passes, dip_size=8,
+                                               side=4, generator=torch.Generator().manual_seed(0))
+        assert model.calls == result.model_calls == steps
+        assert result.samples.shape == (2, 1, 4, 4)
+        assert (result.starts is None) == (passes == 0)
+
+
+def test_zero_passes_is_plain_ddpm_with_the_same_generator():
+    schedule = linear_schedule(30, 1e-4, 0.02)
+    model = CountingEps()
+    ours = ddpm_dipnoise.sample_with_dip(model, schedule, 3, 20, dip=tiny_dip(), passes=0, dip_size=8, side=4,
+                                         generator=torch.Generator().manual_seed(5))
+    plain = ancestral_sample(model, schedule, (3, 1, 4, 4), t_start=19, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(ours.samples, plain.samples)
+    with_dip = ddpm_dipnoise.sample_with_dip(model, schedule, 3, 20, dip=tiny_dip(), passes=2, dip_size=8, side=4,
+                                             generator=torch.Generator().manual_seed(5))
+    assert not torch.allclose(with_dip.samples, plain.samples)
+    assert with_dip.starts.min() >= 0 and with_dip.starts.max() <= 1
+
+
+def test_dip_inside_the_eps_model_is_frozen_and_keeps_its_batchnorm_mode():
+    dip = tiny_dip()
+    wrapped = ddpm_dipnoise.DipThenEps(dip, CountingEps(), passes=2, dip_size=8, side=4, bn_mode="train")
+    wrapped.eval()
+    assert dip.training and not wrapped.eps_net.training
+    wrapped(torch.randn(2, 1, 4, 4), torch.zeros(2, dtype=torch.long)).sum().backward()
+    assert all(p.grad is None for p in dip.parameters())
+    assert wrapped.eps_net.weight.grad is not None
+    assert wrapped.eps_net.calls == 1
+
+
+def test_profile_scaling_of_iterations_and_chains():
+    profile = {"train_scale": 0.1, "step_scale": 0.1, "min_steps": 20}
+    assert common.epoch_iterations(profile, 20, 5000, 128) == 80
+    assert common.epoch_iterations({"train_scale": 0.002}, 20, 5000, 128, minimum=2) == 2
+    assert common.scaled_iterations(profile, 3000) == 300
+    assert common.profile_steps(profile, 2000) == 200 and common.profile_steps(profile, 100) == 20
+    assert common.chain_length(profile, 700) == 700
+    assert common.chain_length({"sample_step_scale": 0.01}, 700) == 7
+    assert common.chain_length({"sample_step_scale": 0.01}, 20) == 1
+
+
+def test_sample_grid_layout():
+    images = torch.stack([torch.full((1, 3, 2), i / 4) for i in range(5)])
+    grid = common.sample_grid(images, columns=2, pad=1)
+    assert grid.shape == (3 * 4 + 1, 2 * 3 + 1, 1)
+    assert grid[1, 1, 0] == 0.0 and grid[1 + 4, 1, 0] == 0.5 and grid[1 + 8, 1 + 3, 0] == 1.0
+
+
+def composed(*overrides):
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("module,overrides,key", [
+    (ddpm_single, ["experiment=truncated/dip_vs_clean", "backbone=skip"], "backbone.name"),
+    (ddpm_single, ["experiment=truncated/dip_vs_clean", "data=mnist"], "data.name"),
+    (ddpm_single, ["experiment=truncated/dip_vs_clean", "method.x0_source=noisy"], "method.x0_source"),
+    (ddpm_single, ["experiment=truncated/dip_vs_clean", "method.train.t_max=0"], "method.train.t_max"),
+    (ddpm_single, ["experiment=truncated/dip_vs_clean", "profile.num_samples=1"], "profile.num_samples"),
+    (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "backbone.image_size=32"], "backbone.image_size"),
+    (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "method.steps=1001"], "method.steps"),
+    (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "method.dip_bn_mode=frozen"], "method.dip_bn_mode"),
+    (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "method.dip.size=30"], "method.dip.size"),
+    (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "method.dip_passes=-1"], "method.dip_passes"),
+])
+def test_bad_config_is_a_config_error_before_training(module, overrides, key):
+    with pytest.raises(ConfigError) as error:
+        module.validate(composed(*overrides))
+    assert error.value.key == key
+
+
+def test_experiment_configs_are_valid_and_describe_their_plan():
+    cfg = composed("experiment=truncated/schedule_length", "scheduler.num_timesteps=501", "profile=quick")
+    ddpm_single.validate(cfg)
+    _, plan = ddpm_single.describe(cfg)
+    assert plan == {"x0_source": "dip", "dip_steps": 200, "train_iterations": 300, "t_max": 500,
+                    "num_timesteps": 501, "t_start": 500, "model_calls": 501, "num_samples": 32}
+    assert cfg.method.dip_backbone.hidden == [64, 64, 1] and cfg.backbone.name == "unet_res"
+    cfg = composed("experiment=dipnoise/time_vs_steps", "profile=quick", "method.steps=300")
+    ddpm_dipnoise.validate(cfg)
+    _, plan = ddpm_dipnoise.describe(cfg)
+    assert plan["chain_steps"] == 300 and plan["train_iterations"] == 80 and plan["dip_steps"] == 20
+    assert ddpm_single.clean_image_uses(composed("experiment=truncated/dip_vs_clean", "method.x0_source=clean"))
+    assert not ddpm_single.clean_image_uses(composed("experiment=truncated/dip_vs_clean"))

@@ -1,0 +1,107 @@
+"""Sweeps as a user runs them: job folders, resume, failures, launchers, the end table."""
+
+import json
+import os
+import time
+
+import pytest
+
+from dipddpm.sweep import JobLock, check_group_choices, job_dirname, overrides_dict
+
+SWEEP = ["-m", "backbone=cnn", "backbone.depth=3", "data.size=16", "method.steps=3", "eval_every=1",
+         "seed=0,1,2", "threads=1"]
+
+
+def results(root):
+    return {p.parent.name: p for p in root.rglob("result.json")}
+
+
+def test_job_folders_are_named_by_overrides_and_rerun_skips_finished(train, tmp_path):
+    first = train(*SWEEP, f"output_root={tmp_path}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    found = results(tmp_path)
+    assert set(found) == {f"backbone.depth=3,backbone=cnn,data.size=16,eval_every=1,method.steps=3,seed={s}" for s in range(3)}
+    sweep_dir = next(iter(found.values())).parent.parent
+    assert sweep_dir == tmp_path / "sweeps" / "adhoc" / "faithful"
+    assert (sweep_dir / "table.md").is_file() and (sweep_dir / "results.csv").is_file()
+
+    stamps = {name: path.stat().st_mtime_ns for name, path in found.items()}
+    removed = sorted(found)[1]
+    found[removed].unlink()
+    time.sleep(0.05)
+    second = train(*SWEEP, f"output_root={tmp_path}")
+    assert second.returncode == 0
+    after = results(tmp_path)
+    rerun = {name for name, path in after.items() if path.stat().st_mtime_ns != stamps.get(name)}
+    assert rerun == {removed}
+    assert (second.stdout + second.stderr).count("skip ") == 2
+
+    forced = train(*SWEEP, "force=true", f"output_root={tmp_path}")
+    assert forced.returncode == 0
+    assert all(p.stat().st_mtime_ns != stamps.get(n) for n, p in results(tmp_path).items())
+
+
+def test_interrupted_and_failed_jobs_rerun_changed_config_reruns(train, tmp_path):
+    args = ["-m", "backbone=cnn", "backbone.depth=3", "data.size=16", "method.steps=3", "seed=0,1", "threads=1",
+            f"output_root={tmp_path}"]
+    assert train(*args).returncode == 0
+    jobs = results(tmp_path)
+    interrupted, failed = sorted(jobs)
+    # an interrupted job: no result.json, a lock left by a process that no longer exists
+    jobs[interrupted].unlink()
+    (jobs[interrupted].parent / ".lock").write_text(f"{os.uname().nodename} 999999\n")
+    record = json.loads(jobs[failed].read_text())
+    record["status"] = "failed"
+    jobs[failed].write_text(json.dumps(record))
+    assert train(*args).returncode == 0
+    statuses = {n: json.loads(p.read_text())["status"] for n, p in results(tmp_path).items()}
+    assert statuses == {interrupted: "ok", failed: "ok"}
+    assert not (jobs[interrupted].parent / ".lock").exists()
+
+
+def test_a_failing_job_does_not_stop_the_sweep(train, tmp_path):
+    proc = train("-m", "backbone=cnn", "backbone.depth=3", "data.size=16", "method.steps=3", "threads=1",
+                 "data.sigma=0.1,1.5,0.2", f"output_root={tmp_path}")
+    assert proc.returncode == 1  # one failed job
+    statuses = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.rglob("result.json")}
+    assert len(statuses) == 3
+    bad = [r for r in statuses.values() if r["status"] == "failed"]
+    assert len(bad) == 1 and "data.sigma=1.5" in bad[0]["error"]["message"]
+    assert bad[0]["error"]["type"] == "ConfigError"
+    assert sum(r["status"] == "ok" for r in statuses.values()) == 2
+    table = next(tmp_path.rglob("table.md")).read_text()
+    assert "missing" in table and "Runs not ok: 1" in table
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_parallel_launchers_produce_all_results(train, tmp_path, launcher):
+    proc = train("-m", "backbone=cnn", "backbone.depth=3", "data.size=16", "method.steps=3",
+                 "seed=0,1", f"launcher={launcher}", f"output_root={tmp_path}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = results(tmp_path)
+    assert len(found) == 2
+    assert all(json.loads(p.read_text())["status"] == "ok" for p in found.values())
+    assert next(tmp_path.rglob("table.md")).is_file()
+
+
+def test_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path):
+    lock = JobLock(tmp_path / ".lock")
+    assert lock.acquire()
+    assert not JobLock(tmp_path / ".lock").acquire()
+    lock.release()
+    (tmp_path / ".lock").write_text(f"{os.uname().nodename} 999999\n")
+    assert JobLock(tmp_path / ".lock").acquire()
+
+
+def test_job_dirname_and_overrides():
+    assert job_dirname("a=1,b=x/y") == "a=1,b=x%y"
+    assert job_dirname("") == "default"
+    long = job_dirname("k=" + "v" * 300)
+    assert len(long) < 160 and long != job_dirname("k=" + "v" * 299)
+    assert overrides_dict(["+a.b=1", "c=x=y"]) == {"a.b": "1", "c": "x=y"}
+
+
+def test_group_choice_check_lists_the_options():
+    assert check_group_choices(["backbone=skip", "early_stop=wmv,none"]) is None
+    message = check_group_choices(["early_stop=wmv,sometimes"])
+    assert message.startswith("early_stop='sometimes' is not allowed: one of ") and "psnr_patience" in message
