@@ -6,7 +6,8 @@ Column scheme of the gathered frame (one row per run):
   choice.<group>       config group choices
   cfg.<dotted.key>     flattened config (table/report/hydra subtrees left out)
   <metric>             metrics; list metrics become <metric>.1, <metric>.2, ...
-See docs/COMPARE.md for the table spec.
+  baseline, item.<key> a classical baseline's algorithm; a result item's text values (one row per item)
+See docs/COMPARE.md for the table spec, docs/BASELINES.md for items, mean_row and baseline rows.
 """
 
 from __future__ import annotations

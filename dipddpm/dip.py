@@ -7,10 +7,15 @@ all stages. Tensors are (1, C, H, W) on the run's device, images in [0, 1].
 Nothing on a non-evaluation step waits for the device: the loss check, the output
 average and the no-reference statistic stay on the device; PSNR/SSIM and the early-stop
 decision happen only at evaluation points.
+
+The loop itself (:func:`run_loop`) trains K independent runs at once: row k of every
+batched tensor belongs to run k. ``fit_dip`` is the K = 1 case with an ordinary
+module; :mod:`dipddpm.replicas` supplies K networks trained as one batched computation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -20,8 +25,10 @@ import torch
 
 from dipddpm.early_stop import NoStop
 from dipddpm.errors import DivergedError
-from dipddpm.metrics import psnr_torch, ssim
+from dipddpm.metrics import psnr_torch_batched, ssim
 from dipddpm.progress import progress_bar
+
+BAR_CHUNK = 25  # progress-bar updates are batched: at most one per this many steps
 
 
 @dataclass
@@ -37,6 +44,10 @@ class Stage:
 
 @dataclass
 class DipSettings:
+    """Optimiser, averaging and evaluation settings, plus execution options that leave
+    the mathematics unchanged (``fused_adam``, ``channels_last``, ``compile``,
+    ``cudnn_benchmark``) or change only the precision (``autocast``: None or "bf16")."""
+
     lr: float = 0.01
     betas: tuple = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -49,6 +60,11 @@ class DipSettings:
     evaluate_ssim: bool = True
     progress: bool = False
     description: str = "dip"
+    fused_adam: bool = True
+    channels_last: bool = False
+    compile: bool = False
+    autocast: str | None = None
+    cudnn_benchmark: bool = False
 
 
 @dataclass
@@ -66,7 +82,8 @@ class StageSummary:
 @dataclass
 class DipResult:
     """Outputs (1, C, H, W) clipped to [0, 1]; ``best`` needs a clean image; ``stopped`` is
-    what the stopping rule returns (its choice, or the final output)."""
+    what the stopping rule returns (its choice, or the final output). ``eval_seconds`` is
+    the wall time spent at evaluation points (of ``evaluations``), included in ``seconds``."""
 
     final: torch.Tensor
     best: torch.Tensor | None
@@ -77,13 +94,99 @@ class DipResult:
     loss_final: float
     steps_run: int
     seconds: float
+    eval_seconds: float = 0.0
+    evaluations: int = 0
 
 
-def _psnr(reference: torch.Tensor, estimate: torch.Tensor, metric: str) -> float:
+def make_optimizer(params, settings: DipSettings) -> torch.optim.Optimizer:
+    """Adam over ``params``; the fused kernel (one call per step) where torch has it."""
+    params = list(params)
+    options = dict(lr=settings.lr, betas=tuple(settings.betas), weight_decay=settings.weight_decay)
+    if settings.fused_adam:
+        try:
+            return torch.optim.Adam(params, fused=True, **options)
+        except (RuntimeError, ValueError):
+            pass
+    return torch.optim.Adam(params, **options)
+
+
+def autocast_context(device: torch.device, setting: str | None):
+    """bf16 autocast on ``device`` for setting "bf16"; a no-op context for None."""
+    if setting is None:
+        return contextlib.nullcontext()
+    if setting != "bf16":
+        raise ValueError(f"autocast must be None or 'bf16', got {setting!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def prepare_backends(device: torch.device, settings: DipSettings) -> None:
+    """Turn on cuDNN autotuning when asked and the run is on CUDA (a process-wide flag)."""
+    if device.type == "cuda" and settings.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+
+
+class SingleRun:
+    """One network and its optimiser: the K = 1 trainee of :func:`run_loop`."""
+
+    count = 1
+
+    def __init__(self, net: torch.nn.Module, settings: DipSettings):
+        self.net, self.settings = net, settings
+        if settings.channels_last:
+            net.to(memory_format=torch.channels_last)
+        self.call = torch.compile(net) if settings.compile else net
+        self.optimizer = make_optimizer(net.parameters(), settings)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.settings.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return self.call(inputs)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, active: list[bool]) -> None:
+        self.optimizer.step()
+
+    def reset_optimizers(self) -> None:
+        self.optimizer = make_optimizer(self.net.parameters(), self.settings)
+
+    def weights(self, k: int):
+        return copy.deepcopy(self.net.state_dict())
+
+    def load_weights(self, k: int, state) -> None:
+        self.net.load_state_dict(state)
+
+    def hold(self, k: int):
+        return None
+
+    def release(self, k: int, held) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def _jitter(shape, generators, active: list[bool], device) -> torch.Tensor:
+    """N(0, 1) of ``shape`` (K, ...): row k drawn from generators[k] as a (1, ...) tensor;
+    zeros (and no draw, so its generator stays put) for a run that is not active."""
+    one = (1,) + tuple(shape[1:])
+    if len(generators) == 1:
+        return torch.randn(one, generator=generators[0], device=device)
+    return torch.cat([torch.randn(one, generator=g, device=device) if on else torch.zeros(one, device=device)
+                      for g, on in zip(generators, active)])
+
+
+def _quantise(x: torch.Tensor) -> torch.Tensor:
+    return torch.round(x.clamp(0, 1) * 255.0)
+
+
+def _psnr_rows(reference: torch.Tensor, estimate: torch.Tensor, metric: str) -> list[float]:
+    """PSNR of each row of ``estimate`` (K, ...) against ``reference`` (1 or K, ...): one host read."""
+    reference = reference.expand_as(estimate)
     if metric == "uint8":
-        quantise = lambda x: torch.round(x.clamp(0, 1) * 255.0)  # noqa: E731
-        return float(psnr_torch(quantise(reference), quantise(estimate), data_range=255.0))
-    return float(psnr_torch(reference, estimate, data_range=1.0))
+        return psnr_torch_batched(_quantise(reference), _quantise(estimate), data_range=255.0).tolist()
+    return psnr_torch_batched(reference, estimate, data_range=1.0).tolist()
 
 
 def _ssim(reference: torch.Tensor, estimate: torch.Tensor) -> float:
@@ -91,10 +194,169 @@ def _ssim(reference: torch.Tensor, estimate: torch.Tensor) -> float:
     return ssim(to_hwc(reference), to_hwc(estimate), data_range=1.0)
 
 
-def _make_optimizer(net, settings: DipSettings):
-    return torch.optim.Adam(
-        net.parameters(), lr=settings.lr, betas=tuple(settings.betas), weight_decay=settings.weight_decay
-    )
+class _RunRecord:
+    """What one run of the batch accumulates across stages."""
+
+    def __init__(self):
+        self.curve: list[dict] = []
+        self.summaries: list[StageSummary] = []
+        self.best_psnr, self.best_output, self.best_step = -math.inf, None, None
+        self.best_state = None
+        self.loss_final = float("nan")
+        self.steps_run = 0
+
+
+def run_loop(runs, stages: list[Stage], settings: DipSettings, early_stops: list, clean=None,
+             generators=None) -> list[DipResult]:
+    """Train ``runs`` (K trainees) through ``stages``; one DipResult per run.
+
+    Stage tensors are batched: ``net_input`` (K, Cin, H, W), ``target`` (1 or K, C, H, W);
+    ``clean`` is (1, C, H, W) or None. ``early_stops`` and ``generators`` have K entries
+    (a generator may be None: torch's global one). A run whose rule stops it early is
+    held (its optimiser skips steps, ``runs.hold``/``release`` keep its state) until the
+    stage ends, so every run follows exactly the path it would follow alone. Raises
+    DivergedError on the first NaN/inf loss of any run still training.
+    """
+    count = runs.count
+    generators = list(generators) if generators is not None else [None] * count
+    device = stages[0].target.device
+    prepare_backends(device, settings)
+    records = [_RunRecord() for _ in range(count)]
+    first_bad = torch.full((count,), -1, dtype=torch.int64, device=device)
+    training = torch.ones(count, dtype=torch.bool, device=device)
+    average = shown = losses = None
+    stop_every = sorted({rule.every for rule in early_stops if getattr(rule, "every", None)})
+    eval_seconds, evaluations = 0.0, 0
+    started = time.perf_counter()
+    bar = progress_bar(sum(s.steps for s in stages), settings.description, settings.progress)
+    pending = 0
+    try:
+        for stage in stages:
+            if stage.index > 0 and settings.reset_optimizer_per_stage:
+                runs.reset_optimizers()
+            for rule in early_stops:
+                rule.start_stage(stage.index)
+            active = [True] * count
+            held: dict[int, tuple] = {}
+            stage_best = [(-math.inf, None, None)] * count
+            stop_step = [stage.steps - 1] * count
+            stopped_early = [False] * count
+            target = stage.target
+            base = [record.steps_run for record in records]
+            looped = 0
+            for step in range(stage.steps):
+                net_input = stage.net_input
+                if settings.reg_noise_std > 0:
+                    net_input = torch.add(net_input, _jitter(net_input.shape, generators, active, device),
+                                          alpha=settings.reg_noise_std)
+                runs.zero_grad()
+                with autocast_context(device, settings.autocast):
+                    output = runs.forward(net_input)
+                losses = (output.float() - target).square().flatten(1).mean(1)
+                losses.sum().backward()
+                runs.step(active)
+                with torch.no_grad():
+                    bad = ~torch.isfinite(losses) & training & (first_bad < 0)
+                    first_bad = torch.where(bad, step, first_bad)
+                    shown = output.detach().float()
+                    if settings.ema > 0:
+                        average = shown.clone() if average is None else average.lerp_(shown, 1 - settings.ema)
+                        shown = average
+                    shown = shown.clamp(0.0, 1.0)
+                    if count == 1:
+                        early_stops[0].observe(step, shown)
+                    else:
+                        for k in range(count):
+                            if active[k]:
+                                early_stops[k].observe(step, shown[k:k + 1])
+                looped += 1
+                pending += 1
+                last = step == stage.steps - 1
+                if not (last or step % settings.eval_every == 0 or any(step % every == 0 for every in stop_every)):
+                    if pending >= BAR_CHUNK:
+                        bar.update(pending)
+                        pending = 0
+                    continue
+                began = time.perf_counter()
+                loss_values = losses.tolist()
+                bad_at = first_bad.tolist()
+                for k in range(count):
+                    if bad_at[k] >= 0:
+                        raise DivergedError(base[k] + bad_at[k], loss_values[k])
+                psnr_noisy = _psnr_rows(target.clamp(0, 1), shown, "float")
+                psnr_clean = _psnr_rows(clean, shown, settings.psnr_metric) if clean is not None else None
+                for k in range(count):
+                    if not active[k]:
+                        continue
+                    record = records[k]
+                    record.loss_final = loss_values[k]
+                    row = {"step": base[k] + step, "stage": stage.index, "stage_step": step, "loss": loss_values[k],
+                           "psnr": None, "ssim": None, "psnr_noisy": psnr_noisy[k],
+                           "nr_stat": early_stops[k].last_variance()}
+                    if clean is not None:
+                        row["psnr"] = psnr_clean[k]
+                        if settings.evaluate_ssim:
+                            row["ssim"] = _ssim(clean, shown[k:k + 1])
+                        if row["psnr"] > record.best_psnr:
+                            record.best_psnr, record.best_step = row["psnr"], row["step"]
+                            record.best_output = shown[k:k + 1].clone()
+                        if row["psnr"] > stage_best[k][0]:
+                            stage_best[k] = (row["psnr"], row["ssim"], row["step"])
+                    stop = early_stops[k].check(step, row["psnr"])
+                    if settings.restore_best and getattr(early_stops[k], "improved", False):
+                        record.best_state = runs.weights(k)
+                    record.curve.append(row)
+                    if stop and not last:
+                        active[k], stopped_early[k], stop_step[k] = False, True, step
+                        record.steps_run += step + 1
+                        if count > 1:
+                            held[k] = (runs.hold(k), shown[k:k + 1].clone(),
+                                       None if average is None else average[k:k + 1].clone())
+                            training[k] = False
+                evaluations += 1
+                eval_seconds += time.perf_counter() - began
+                if not any(active):
+                    break
+            for k in range(count):
+                if active[k]:
+                    records[k].steps_run += stage.steps
+            for k, (state, shown_k, average_k) in held.items():
+                runs.release(k, state)
+                shown[k:k + 1] = shown_k
+                if average_k is not None:
+                    average[k:k + 1] = average_k
+            training.fill_(True)
+            for k, record in enumerate(records):
+                psnr_best, ssim_best, best_step = stage_best[k]
+                record.summaries.append(StageSummary(
+                    index=stage.index, steps_run=stop_step[k] + 1, stop_step=stop_step[k],
+                    stopped_early=stopped_early[k], psnr_best=None if psnr_best == -math.inf else psnr_best,
+                    ssim_best=ssim_best, best_step=best_step, info=dict(stage.info),
+                ))
+                if settings.restore_best and record.best_state is not None:
+                    runs.load_weights(k, record.best_state)
+            bar.update(pending + stage.steps - looped)
+            pending = 0
+    finally:
+        bar.close()
+        runs.finish()
+    seconds = time.perf_counter() - started
+    results = []
+    for k, record in enumerate(records):
+        final = shown[k:k + 1].clone()
+        chosen = early_stops[k].chosen_output()
+        if chosen is not None:
+            stopped = chosen.clone()
+        elif settings.restore_best and record.best_output is not None:
+            stopped = record.best_output
+        else:
+            stopped = final
+        results.append(DipResult(
+            final=final, best=record.best_output, stopped=stopped, best_step=record.best_step,
+            curve=record.curve, stages=record.summaries, loss_final=record.loss_final,
+            steps_run=record.steps_run, seconds=seconds, eval_seconds=eval_seconds, evaluations=evaluations,
+        ))
+    return results
 
 
 def fit_dip(
@@ -115,98 +377,5 @@ def fit_dip(
     early_stop = early_stop or NoStop()
     if early_stop.uses_clean_image and clean is None:
         raise ValueError("early stopping on PSNR needs the clean image")
-    device = stages[0].target.device
     net.train()
-    optimizer = _make_optimizer(net, settings)
-    first_bad_step = torch.tensor(-1, dtype=torch.int64, device=device)
-    average = None
-    curve: list[dict] = []
-    summaries: list[StageSummary] = []
-    best_psnr, best_output, best_step = -math.inf, None, None
-    best_state = None
-    global_step = 0
-    loss = torch.zeros((), device=device)
-    shown = None
-    stop_every = getattr(early_stop, "every", None)
-    started = time.perf_counter()
-    bar = progress_bar(sum(s.steps for s in stages), settings.description, settings.progress)
-    try:
-        for stage in stages:
-            if stage.index > 0 and settings.reset_optimizer_per_stage:
-                optimizer = _make_optimizer(net, settings)
-            early_stop.start_stage(stage.index)
-            stage_best = (-math.inf, None, None)
-            stopped_early, stop_step = False, stage.steps - 1
-            for step in range(stage.steps):
-                net_input = stage.net_input
-                if settings.reg_noise_std > 0:
-                    jitter = torch.randn(net_input.shape, generator=generator, device=device)
-                    net_input = net_input + settings.reg_noise_std * jitter
-                output = net(net_input)
-                loss = torch.mean((output - stage.target) ** 2)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    bad = ~torch.isfinite(loss)
-                    first_bad_step = torch.where(
-                        bad & (first_bad_step < 0), torch.full_like(first_bad_step, global_step), first_bad_step
-                    )
-                    shown = output.detach()
-                    if settings.ema > 0:
-                        average = shown.clone() if average is None else average.mul_(settings.ema).add_(shown, alpha=1 - settings.ema)
-                        shown = average
-                    shown = shown.clamp(0.0, 1.0)
-                    early_stop.observe(step, shown)
-                last = step == stage.steps - 1
-                if not (last or step % settings.eval_every == 0 or (stop_every and step % stop_every == 0)):
-                    global_step += 1
-                    bar.update(1)
-                    continue
-                loss_value = float(loss.detach())
-                bad_at = int(first_bad_step)
-                if bad_at >= 0:
-                    raise DivergedError(bad_at, loss_value)
-                row = {"step": global_step, "stage": stage.index, "stage_step": step, "loss": loss_value,
-                       "psnr": None, "ssim": None, "psnr_noisy": _psnr(stage.target.clamp(0, 1), shown, "float"),
-                       "nr_stat": early_stop.last_variance()}
-                if clean is not None:
-                    row["psnr"] = _psnr(clean, shown, settings.psnr_metric)
-                    if settings.evaluate_ssim:
-                        row["ssim"] = _ssim(clean, shown)
-                    if row["psnr"] > best_psnr:
-                        best_psnr, best_output, best_step = row["psnr"], shown.clone(), global_step
-                    if row["psnr"] > stage_best[0]:
-                        stage_best = (row["psnr"], row["ssim"], global_step)
-                stop = early_stop.check(step, row["psnr"])
-                if settings.restore_best and getattr(early_stop, "improved", False):
-                    best_state = copy.deepcopy(net.state_dict())
-                curve.append(row)
-                global_step += 1
-                bar.update(1)
-                if stop and not last:
-                    stopped_early, stop_step = True, step
-                    bar.update(stage.steps - step - 1)
-                    break
-            summaries.append(StageSummary(
-                index=stage.index, steps_run=stop_step + 1, stop_step=stop_step, stopped_early=stopped_early,
-                psnr_best=None if stage_best[1] is None and stage_best[0] == -math.inf else stage_best[0],
-                ssim_best=stage_best[1], best_step=stage_best[2], info=dict(stage.info),
-            ))
-            if settings.restore_best and best_state is not None:
-                net.load_state_dict(best_state)
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - started
-    final = shown.clone()
-    chosen = early_stop.chosen_output()
-    if chosen is not None:
-        stopped = chosen.clone()
-    elif settings.restore_best and best_output is not None:
-        stopped = best_output
-    else:
-        stopped = final
-    return DipResult(
-        final=final, best=best_output, stopped=stopped, best_step=best_step, curve=curve, stages=summaries,
-        loss_final=float(loss.detach()), steps_run=global_step, seconds=seconds,
-    )
+    return run_loop(SingleRun(net, settings), stages, settings, [early_stop], clean=clean, generators=[generator])[0]

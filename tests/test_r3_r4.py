@@ -27,24 +27,30 @@ from dipddpm.sweep import config_dir
 CHAIN_SCALE = 0.01
 SMOKE = ["profile=smoke", "seeds=1", "threads=1", f"++profile.sample_step_scale={CHAIN_SCALE}"]
 
-# experiment -> (extra sweep overrides that trim it, jobs, DDPM trainings in the sweep)
+# experiment -> (sweep overrides that trim its grid, jobs, DDPM trainings in the sweep). Each
+# job costs about a second of Hydra composition, so the grids are cut to a few jobs each.
+# Under smoke, epochs 5..20 all give the 2-iteration floor: one training config, one training.
 EXPERIMENTS = {
     "truncated/dip_vs_clean": ([], 2, 2),
     "truncated/schedule_length": ([], 2, 2),
-    "dipnoise/time_vs_steps": ([], 20, 1),
-    "dipnoise/passes_steps": (["method.dip_passes=0,2,50"], 9, 1),
-    "dipnoise/ddpm_epochs": ([], 4, 4),
-    "dipnoise/dip_in_training": ([], 4, 2),
+    "dipnoise/time_vs_steps": (["method.steps=100,1000"], 4, 1),
+    "dipnoise/passes_steps": (["method.dip_passes=0,50", "method.steps=900"], 2, 1),
+    "dipnoise/ddpm_epochs": (["method.train.epochs=5,20"], 2, 1),
+    "dipnoise/dip_in_training": (["method.dip_passes=2"], 2, 2),
 }
 
 
 @pytest.fixture(scope="session")
 def classifier_files(tmp_path_factory):
-    """The digit classifier's cache files, trained once for every sweep below."""
-    from dipddpm.digit_metrics import get_digit_classifier
+    """The digit classifier's cache files (its real cache key), trained for 2 seconds only:
+    the sweeps below need the quality columns to be computed, not to be good."""
+    from dipddpm import digit_metrics
 
+    train = digit_metrics.train_digit_classifier
     folder = tmp_path_factory.mktemp("classifier")
-    get_digit_classifier(folder, "cpu")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(digit_metrics, "train_digit_classifier", lambda *a, **k: train(*a, **k | {"max_seconds": 2.0}))
+        digit_metrics.get_digit_classifier(folder, "cpu")
     return sorted(folder.iterdir())
 
 
@@ -186,7 +192,8 @@ def composed(*overrides):
 
 @pytest.mark.parametrize("module,overrides,key", [
     (ddpm_single, ["experiment=truncated/dip_vs_clean", "backbone=skip"], "backbone.name"),
-    (ddpm_single, ["experiment=truncated/dip_vs_clean", "data=mnist"], "data.name"),
+    (ddpm_single, ["experiment=truncated/dip_vs_clean", "data=mnist"], "data"),
+    (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "data=digit"], "data"),
     (ddpm_single, ["experiment=truncated/dip_vs_clean", "method.x0_source=noisy"], "method.x0_source"),
     (ddpm_single, ["experiment=truncated/dip_vs_clean", "method.train.t_max=0"], "method.train.t_max"),
     (ddpm_single, ["experiment=truncated/dip_vs_clean", "profile.num_samples=1"], "profile.num_samples"),

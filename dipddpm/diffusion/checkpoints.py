@@ -9,9 +9,8 @@ file; if two processes train the same key at once, the last writer wins.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dipddpm.io import write_json_atomic
+from dipddpm.io import write_bytes_atomic, write_json_atomic
 
 
 def _plain(obj):
@@ -61,18 +60,9 @@ def checkpoint_paths(cache_dir, key_config) -> tuple[Path, Path]:
 
 
 def _save_atomic(path: Path, payload) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -291,9 +291,11 @@ def _job_description(job_dir: Path) -> dict | None:
         return None
     choices = result.get("choices")
     if choices is None and (job_dir / ".hydra" / "hydra.yaml").is_file():
-        hydra_cfg = OmegaConf.load(job_dir / ".hydra" / "hydra.yaml")
-        choices = OmegaConf.to_container(hydra_cfg.hydra.runtime.choices)
-        choices = {k: v for k, v in choices.items() if not k.startswith("hydra/") and v is not None}
+        try:
+            choices = OmegaConf.to_container(OmegaConf.load(job_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices)
+            choices = {k: v for k, v in choices.items() if not k.startswith("hydra/") and v is not None}
+        except Exception:  # choices only label the result; go on without them
+            choices = None
     table = result.get("table")
     if table is None:
         table = dict(config.get("table") or {}) | {"report": config.get("report") or []}
@@ -415,6 +417,8 @@ def run_baselines(sweep_dir, algorithms=None, force: bool = False) -> dict[str, 
             statuses[name] = run_baseline(sweep_dir, group, algorithm, force=force)
     if statuses:
         log.info("baselines: %s", ", ".join(f"{name} {status}" for name, status in statuses.items()))
+    else:
+        log.info("baselines: no job in %s denoises an image observation; nothing to run", sweep_dir)
     return statuses
 
 

@@ -288,12 +288,18 @@ class ForwardNoise:
 
 def training_hooks(mode: str, dip_noise: DipNoise | None, generator: torch.Generator, on_iteration=None):
     """(forward_noise, loss_target) for train_eps: replace_noise puts d in x_t (and so in the
-    target, loss_target None); target keeps Gaussian x_t and returns d as the target."""
+    target, loss_target None); target keeps Gaussian x_t and returns d as the target.
+
+    The targets of ``target`` come from a second generator (seeded initial_seed + 1), so the
+    Gaussian draws, and hence x_t, are the same as those of ``none`` with the same generator.
+    """
     forward_noise = ForwardNoise(mode, dip_noise, generator, on_iteration)
     loss_target = None
     if mode == "target":
+        target_generator = torch.Generator(device=generator.device).manual_seed(generator.initial_seed() + 1)
+
         def loss_target(noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-            return dip_noise.draw(x0.shape[0], generator).to(x0.device)
+            return dip_noise.draw(x0.shape[0], target_generator).to(x0.device)
     return forward_noise, loss_target
 
 

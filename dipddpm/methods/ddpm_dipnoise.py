@@ -133,7 +133,8 @@ def sample_with_dip(model: nn.Module, schedule, count: int, steps: int, *, dip: 
 
 def validate(cfg) -> None:
     m = cfg.method
-    require_choice("data.name", cfg.data.name, ("mnist",))
+    require(cfg.data.name == "mnist", "data", cfg.data.name,
+            "mnist, e.g. experiment=dipnoise/time_vs_steps or data=mnist backbone=unet_ln")
     common.validate_eps_backbone(cfg, SIDE)
     check_size(m.dip_backbone, int(m.dip.size), key="method.dip.size")
     schedule = common.schedule_from(cfg)
@@ -155,8 +156,8 @@ def validate(cfg) -> None:
     common.require_positive("method.train.lr", m.train.lr)
     common.require_int("method.train.seed", m.train.seed, minimum=0)
     common.validate_num_samples(cfg.profile)
-    images = _training_images(cfg)
-    require(images.shape[-1] == SIDE, "data", cfg.data.name, f"{SIDE}x{SIDE} digits")
+    images, _ = load_mnist(cfg.data.get("root"), cfg.data.get("split", "train"), cfg.data.get("limit"))
+    require(images.shape[-1] == SIDE, "data.root", cfg.data.get("root"), f"{SIDE}x{SIDE} digits")
     if _uses_dip(cfg):
         common.noisy_digit(m.dip.index, cfg.data.get("root"), "train", m.dip.sigma, True, m.dip.noise_seed,
                            side=int(m.dip.size))

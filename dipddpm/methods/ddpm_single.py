@@ -31,7 +31,8 @@ DEFAULT_ITERATIONS = {"dip": 3000, "clean": 5000}
 
 def validate(cfg) -> None:
     m = cfg.method
-    require_choice("data.name", cfg.data.name, ("digit",))
+    require(cfg.data.name == "digit", "data", cfg.data.name,
+            "digit (one MNIST digit), e.g. experiment=truncated/dip_vs_clean or data=digit backbone=unet_res")
     require_choice("data.value_range", cfg.data.get("value_range", "unit"), ("unit",))
     require(isinstance(cfg.data.sigma, (int, float)) and 0 <= cfg.data.sigma <= 1, "data.sigma", cfg.data.sigma,
             "a number in [0, 1]")
@@ -106,8 +107,9 @@ def run(ctx) -> dict:
     clean, noisy = (x.to(device) for x in _load_digit(cfg))
     metrics: dict = {}
     if m.x0_source == "dip":
-        identity = {"target": {"digit": _digit_identity(cfg), "sigma": cfg.data.sigma, "clip": cfg.data.get("clip", True),
-                               "noise_seed": cfg.data.get("noise_seed", 0)}, "net": common.plain(m.dip_backbone)}
+        target = {"digit": _digit_identity(cfg), "sigma": cfg.data.sigma, "clip": cfg.data.get("clip", True),
+                  "noise_seed": cfg.data.get("noise_seed", 0)}
+        identity = {"target": target, "net": common.plain(m.dip_backbone)}
         code_generator = common.seeded_generator(device, int(m.dip.seed), offset=1)
         code = common.make_code(int(m.dip.code_channels), SIDE, m.dip.code_kind, float(m.dip.code_scale),
                                 code_generator, device)
@@ -130,9 +132,11 @@ def run(ctx) -> dict:
     model = trained.model.to(device)
 
     count = int(cfg.profile.num_samples)
-    sample = lambda n, offset: ancestral_sample(  # noqa: E731
-        model, schedule, (n, 1, SIDE, SIDE), t_start=plan["t_start"], variance=str(m.sample.variance),
-        generator=ctx.generator(offset), device=device)
+
+    def sample(n: int, offset: int):
+        return ancestral_sample(model, schedule, (n, 1, SIDE, SIDE), t_start=plan["t_start"],
+                                variance=str(m.sample.variance), generator=ctx.generator(offset), device=device)
+
     batch, batch_seconds = common.timed(lambda: sample(count, 10), device)
     _, one_seconds = common.timed(lambda: sample(1, 11), device)
     samples = batch.samples

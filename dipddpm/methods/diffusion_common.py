@@ -194,15 +194,16 @@ def make_code(channels: int, side: int, kind: str, scale: float, generator: torc
 
 
 def fit_dip_cached(ctx, identity: dict, build_net, code: torch.Tensor, target: torch.Tensor, dip,
-                   clean: torch.Tensor | None = None) -> Trained:
+                   clean: torch.Tensor | None = None, steps: int | None = None) -> Trained:
     """Fit a DIP from ``code`` (1, Cin, H, W) to ``target`` (1, C, H, W) through fit_dip, or load it.
 
-    ``dip`` is the method's DIP sub-config (steps, lr, reg_noise_std, ema, seed); its steps
-    are scaled by the profile (profile_steps). ``identity`` must say what the target is;
-    the code is fixed by dip.seed, its kind and scale (part of the key through ``dip``).
-    info: psnr_final (the last output vs ``clean``, when given), loss_final, dip_seconds, steps.
+    ``dip`` is the method's DIP sub-config (steps, lr, reg_noise_std, ema, seed); ``steps``
+    (None: dip.steps scaled by the profile, profile_steps) is the step count. ``identity``
+    must say what the target is; the code is fixed by dip.seed, its kind and scale (part
+    of the key through ``dip``). info: psnr_final (the last output vs ``clean``, when
+    given), loss_final, dip_seconds, steps.
     """
-    steps = profile_steps(ctx.profile, int(dip.steps))
+    steps = profile_steps(ctx.profile, int(dip.steps)) if steps is None else int(steps)
     settings = DipSettings(lr=float(dip.lr), reg_noise_std=float(dip.reg_noise_std), ema=float(dip.ema),
                            eval_every=int(ctx.cfg.eval_every), progress=ctx.progress, description="dip",
                            evaluate_ssim=False)

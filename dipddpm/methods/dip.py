@@ -8,6 +8,7 @@ code or that image and whether it is pulled towards that image or the clean one.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 
 import numpy as np
@@ -15,12 +16,14 @@ import torch
 
 from dipddpm.data.images import load_observation, to_image, to_tensor, validate_image_config
 from dipddpm.dip import DipSettings, Stage, fit_dip
+from dipddpm.replicas import fit_dip_replicas, replica_seeds
 from dipddpm.early_stop import build_early_stop, validate_early_stop
 from dipddpm.errors import ConfigError, require, require_choice
 from dipddpm.io import save_figure_atomic, save_image_atomic, write_text_atomic
 from dipddpm.metrics import psnr, psnr_uint8, ssim
 from dipddpm.models import build_backbone, check_size, size_requirement
 from dipddpm.plans import build_plan, describe_plan, stage_images
+from dipddpm.runtime import seed_everything
 from dipddpm.schedulers import build_schedule
 
 CURVE_FIELDS = ("step", "stage", "stage_step", "loss", "psnr", "ssim", "psnr_noisy", "nr_stat")
@@ -69,6 +72,15 @@ def validate(cfg) -> None:
     require(0.0 <= float(m.ema) < 1.0, "method.ema", m.ema, "a number in [0, 1)")
     require(float(m.reg_noise_std) >= 0.0, "method.reg_noise_std", m.reg_noise_std, "a number >= 0")
     require(float(cfg.optim.lr) > 0.0, "optim.lr", cfg.optim.lr, "a number > 0")
+    replicas = m.get("replicas", 1)
+    require(isinstance(replicas, int) and not isinstance(replicas, bool) and replicas >= 1,
+            "method.replicas", replicas, "an integer >= 1")
+    for key in ("compile", "channels_last"):
+        require_choice(f"method.{key}", m.get(key, False), ("auto", True, False))
+    require(m.get("channels_last", False) is not True or replicas == 1, "method.channels_last", True,
+            "auto or false when method.replicas > 1")
+    require_choice("method.autocast", m.get("autocast", "none"), ("none", "bf16", None))
+    require_choice("method.cudnn_benchmark", m.get("cudnn_benchmark", False), (True, False))
     require(isinstance(cfg.eval_every, int) and cfg.eval_every >= 1, "eval_every", cfg.eval_every, "an integer >= 1")
     validate_image_config(cfg.data)
     validate_early_stop(cfg.early_stop)
@@ -136,26 +148,58 @@ def write_curve_plot(path, rows, title: str) -> None:
     save_figure_atomic(path, figure)
 
 
-def run(ctx) -> dict:
-    cfg, device = ctx.cfg, ctx.device
+def execution_options(cfg, device) -> dict:
+    """DipSettings fields for compile, channels-last, autocast and cuDNN autotuning.
+
+    ``auto`` turns compile and channels-last on for CUDA only (on this project's CPUs
+    both made the DIP step slower; see docs/PERFORMANCE.md); channels-last stays off
+    with replicas.
+    """
     m = cfg.method
-    plan = stage_plan(cfg)
-    obs = load_observation(cfg.data, size=effective_size(cfg))
-    clean = to_tensor(obs.clean).to(device)
-    observed = to_tensor(obs.noisy).to(device)
+    on_cuda = torch.device(device).type == "cuda"
+
+    def resolve(key: str, allowed: bool) -> bool:
+        value = m.get(key, False)
+        return bool(on_cuda and allowed) if value == "auto" else bool(value)
+
+    autocast = m.get("autocast", "none")
+    return {
+        "compile": resolve("compile", True),
+        "channels_last": resolve("channels_last", int(m.get("replicas", 1)) == 1),
+        "autocast": None if autocast in (None, "none") else str(autocast),
+        "cudnn_benchmark": bool(m.get("cudnn_benchmark", False)),
+    }
+
+
+def _settings(cfg, ctx) -> DipSettings:
+    m = cfg.method
+    return DipSettings(
+        lr=float(cfg.optim.lr), betas=tuple(cfg.optim.betas), weight_decay=float(cfg.optim.get("weight_decay", 0.0)),
+        reg_noise_std=float(m.reg_noise_std), ema=float(m.ema), eval_every=int(cfg.eval_every),
+        reset_optimizer_per_stage=bool(m.reset_optimizer_per_stage),
+        restore_best=bool(cfg.early_stop.get("restore_best", False)),
+        psnr_metric=str(m.psnr_metric), progress=ctx.progress, description=f"dip {cfg.backbone.name}",
+        **execution_options(cfg, ctx.device),
+    )
+
+
+def _prepare(cfg, ctx, plan, images, clean):
+    """Network, stages, early-stopping rule and jitter generator of one run (seed ctx.seed).
+
+    The order of random draws is the run's contract: the generator (seeded from ctx.seed)
+    draws the code(s) and then the jitter; torch's global generator initialises the net.
+    """
+    m = cfg.method
     channels = clean.shape[1]
-    noise_generator = torch.Generator().manual_seed(int(cfg.data.get("noise_seed", 0)))
-    images = [img.to(device) for img in stage_images(
-        plan, clean.cpu(), observed.cpu(), cfg.noise_plan, _schedule_for(cfg), noise_generator)]
     generator = ctx.generator()
     in_channels = m.code_channels if m.input == "code" else channels
-    net = build_backbone(cfg.backbone, in_channels, channels).to(device)
+    net = build_backbone(cfg.backbone, in_channels, channels).to(ctx.device)
     size = tuple(clean.shape[-2:])
-    code = make_code(m.code_channels, size, m.code_kind, m.code_scale, generator, device)
+    code = make_code(m.code_channels, size, m.code_kind, m.code_scale, generator, ctx.device)
     stages = []
     for plan_stage, image in zip(plan, images):
         if m.input == "code" and m.resample_code_per_stage and plan_stage.index > 0:
-            code = make_code(m.code_channels, size, m.code_kind, m.code_scale, generator, device)
+            code = make_code(m.code_channels, size, m.code_kind, m.code_scale, generator, ctx.device)
         stages.append(Stage(
             index=plan_stage.index, steps=plan_stage.steps,
             net_input=code if m.input == "code" else image,
@@ -163,15 +207,11 @@ def run(ctx) -> dict:
             info=plan_stage.as_dict(),
         ))
     early_stop = build_early_stop(cfg.early_stop, carry_best=bool(m.carry_best_across_stages))
-    settings = DipSettings(
-        lr=float(cfg.optim.lr), betas=tuple(cfg.optim.betas), weight_decay=float(cfg.optim.get("weight_decay", 0.0)),
-        reg_noise_std=float(m.reg_noise_std), ema=float(m.ema), eval_every=int(cfg.eval_every),
-        reset_optimizer_per_stage=bool(m.reset_optimizer_per_stage),
-        restore_best=bool(cfg.early_stop.get("restore_best", False)),
-        psnr_metric=str(m.psnr_metric), progress=ctx.progress, description=f"dip {cfg.backbone.name}",
-    )
-    result = fit_dip(net, stages, settings, early_stop=early_stop, clean=clean, generator=generator)
+    return net, stages, early_stop, generator
 
+
+def _metrics(cfg, obs, clean, result, early_stop) -> dict:
+    m = cfg.method
     score = psnr_uint8 if m.psnr_metric == "uint8" else psnr
     clean_np, noisy_np = obs.clean, obs.noisy
     final_np, stopped_np = to_image(result.final), to_image(result.stopped)
@@ -197,13 +237,75 @@ def run(ctx) -> dict:
     metrics["stage_ssim_mean"] = float(np.mean(stage_ssim)) if stage_ssim else None
     if cfg.early_stop.name == "wmv":
         metrics["wmv_min_step"], metrics["wmv_min_variance"] = early_stop.minimum()
+    return metrics, (final_np, best_np, stopped_np)
 
-    out = ctx.run_dir
-    save_image_atomic(out / "clean.png", clean_np)
-    save_image_atomic(out / "noisy.png", noisy_np)
+
+def _write_run_files(out, cfg, obs, result, images) -> None:
+    final_np, best_np, stopped_np = images
     save_image_atomic(out / "final.png", final_np)
     save_image_atomic(out / "best.png", best_np)
     save_image_atomic(out / "stopped.png", stopped_np)
     write_text_atomic(out / "curve.csv", _curve_csv(result.curve))
     write_curve_plot(out / "curves.png", result.curve, f"{obs.name}: {cfg.backbone.name}, {cfg.noise_plan.name}")
+
+
+def _mean_value(values):
+    """The common value when all agree, else the mean of numbers (elementwise for equal-length lists), else None."""
+    if all(v == values[0] for v in values):
+        return values[0]
+    if all(isinstance(v, (int, float)) for v in values):
+        return float(np.mean(values))
+    if all(isinstance(v, list) for v in values) and len({len(v) for v in values}) == 1:
+        return [_mean_value([v[i] for v in values]) for i in range(len(values[0]))]
+    return None
+
+
+def mean_metrics(items: list[dict]) -> dict:
+    """Top-level metrics of a replicated run: the mean over the items of every shared key."""
+    return {key: _mean_value([item.get(key) for item in items]) for key in items[0]
+            if key not in ("seed", "replica")}
+
+
+def run(ctx) -> dict:
+    cfg, device = ctx.cfg, ctx.device
+    m = cfg.method
+    plan = stage_plan(cfg)
+    obs = load_observation(cfg.data, size=effective_size(cfg))
+    clean = to_tensor(obs.clean).to(device)
+    observed = to_tensor(obs.noisy).to(device)
+    noise_generator = torch.Generator().manual_seed(int(cfg.data.get("noise_seed", 0)))
+    images = [img.to(device) for img in stage_images(
+        plan, clean.cpu(), observed.cpu(), cfg.noise_plan, _schedule_for(cfg), noise_generator)]
+    settings = _settings(cfg, ctx)
+    out = ctx.run_dir
+    count = int(m.get("replicas", 1))
+    if count == 1:
+        net, stages, early_stop, generator = _prepare(cfg, ctx, plan, images, clean)
+        result = fit_dip(net, stages, settings, early_stop=early_stop, clean=clean, generator=generator)
+        metrics, outputs = _metrics(cfg, obs, clean, result, early_stop)
+        save_image_atomic(out / "clean.png", obs.clean)
+        save_image_atomic(out / "noisy.png", obs.noisy)
+        _write_run_files(out, cfg, obs, result, outputs)
+        return metrics
+
+    seeds = replica_seeds(ctx.seed, count)
+    prepared = []
+    for seed in seeds:
+        seed_everything(seed)
+        prepared.append(_prepare(cfg, dataclasses.replace(ctx, seed=seed), plan, images, clean))
+    nets, stage_lists, early_stops, generators = (list(column) for column in zip(*prepared))
+    results = fit_dip_replicas(nets, stage_lists, settings, early_stops, clean=clean, generators=generators)
+    save_image_atomic(out / "clean.png", obs.clean)
+    save_image_atomic(out / "noisy.png", obs.noisy)
+    items = []
+    for k, (seed, result, early_stop) in enumerate(zip(seeds, results, early_stops)):
+        metrics, outputs = _metrics(cfg, obs, clean, result, early_stop)
+        items.append({"seed": seed, "replica": k, **metrics})
+        _write_run_files(out / f"replica_{k}", cfg, obs, result, outputs)
+        if k == 0:
+            _write_run_files(out, cfg, obs, result, outputs)
+    metrics = mean_metrics(items)
+    metrics["replicas"] = count
+    metrics["replica_seeds"] = seeds
+    metrics["items"] = items
     return metrics

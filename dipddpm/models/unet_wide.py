@@ -14,7 +14,7 @@ with the stored down features, attention as above, and nearest x2 upsampling + 3
 Residual block: GroupNorm, SiLU, conv3x3, + Linear(SiLU(temb)) per channel, GroupNorm,
 SiLU, dropout, conv3x3, added to the input (1x1 conv when the width changes).
 Time embedding: sinusoidal(t, base_channels) -> Linear(4 base) -> SiLU -> Linear(4 base).
-GroupNorm uses ``norm_groups`` groups, or the largest divisor of the width below it.
+GroupNorm uses ``norm_groups`` groups, or fewer for narrow levels (see :func:`group_count`).
 
 Input x: (B, in_channels, s, s) float; t: (B,) integer timesteps (a scalar is repeated).
 Output (B, out_channels, s, s).
@@ -47,9 +47,16 @@ def _get(cfg, key):
     return DEFAULTS[key] if value is None else value
 
 
+MIN_GROUP_CHANNELS = 4
+
+
 def group_count(channels: int, groups: int) -> int:
-    """The largest divisor of ``channels`` that is at most ``groups``."""
-    return next(g for g in range(min(groups, channels), 0, -1) if channels % g == 0)
+    """GroupNorm groups for a width: the largest divisor of ``channels`` that is at most
+    ``groups`` and leaves at least MIN_GROUP_CHANNELS (4, as 128 channels / 32 groups in
+    Ho et al.) channels per group. One channel per group would be an instance norm, which
+    removes the per-channel time bias added just before it."""
+    top = max(1, min(groups, channels // MIN_GROUP_CHANNELS))
+    return next(g for g in range(top, 0, -1) if channels % g == 0)
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:

@@ -1,0 +1,145 @@
+"""K independent DIP runs trained in one process as one batched computation.
+
+The K networks share an architecture but nothing else: each keeps its own parameters,
+Adam state, BatchNorm statistics, network input, jitter generator and early-stopping
+rule. Every step stacks the K parameter sets and evaluates the K networks with
+``torch.func.vmap`` over ``functional_call``; each run sees its own batch of one, so
+training-mode BatchNorm normalises each run with its own statistics and updates its
+own running averages. Convolutions with stacked weights become one grouped
+convolution. Gradients flow back through the stacking into each network's own
+parameters, and one fused Adam per network updates them, so run k follows the same
+path as ``fit_dip`` on network k alone, up to floating-point rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.func import functional_call, vmap
+
+from dipddpm.dip import DipResult, DipSettings, Stage, fit_dip, make_optimizer, run_loop
+from dipddpm.early_stop import NoStop
+
+
+def replica_seeds(seed: int, count: int) -> list[int]:
+    """The seeds of ``count`` replicas started from ``seed``: seed, seed + 1, ..."""
+    return [int(seed) + k for k in range(int(count))]
+
+
+class ReplicaRuns:
+    """K networks of one architecture as the trainee of :func:`dipddpm.dip.run_loop`."""
+
+    def __init__(self, nets: list[torch.nn.Module], settings: DipSettings):
+        if settings.channels_last:
+            raise ValueError("channels_last is not supported with replicas")
+        self.nets, self.settings, self.count = list(nets), settings, len(nets)
+        shapes = [[(n, tuple(p.shape)) for n, p in net.named_parameters()] for net in self.nets]
+        if any(s != shapes[0] for s in shapes[1:]):
+            raise ValueError("replica networks must share one architecture")
+        self.names = [name for name, _ in shapes[0]]
+        self.params = [[dict(net.named_parameters())[name] for name in self.names] for net in self.nets]
+        buffer_sets = [dict(net.named_buffers()) for net in self.nets]
+        self.buffers = {name: torch.stack([b[name] for b in buffer_sets]) for name in buffer_sets[0]}
+        self.template = copy.deepcopy(self.nets[0]).to("meta")
+        batched = vmap(self._one, in_dims=(0, 0, 0))
+        self.batched = torch.compile(batched) if settings.compile else batched
+        self.optimizers = [make_optimizer(p, settings) for p in self.params]
+
+    def _one(self, params: dict, buffers: dict, net_input: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.template, (params, buffers), (net_input,))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(K, Cin, H, W), row k for network k -> (K, C, H, W)."""
+        stacked = {name: torch.stack([p[i] for p in self.params]) for i, name in enumerate(self.names)}
+        return self.batched(stacked, self.buffers, inputs.unsqueeze(1)).squeeze(1)
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def step(self, active: list[bool]) -> None:
+        for optimizer, on in zip(self.optimizers, active):
+            if on:
+                optimizer.step()
+
+    def reset_optimizers(self) -> None:
+        self.optimizers = [make_optimizer(p, self.settings) for p in self.params]
+
+    def hold(self, k: int) -> dict:
+        """Network k's BatchNorm statistics, which the other runs' steps keep updating."""
+        return {name: buffer[k].clone() for name, buffer in self.buffers.items()}
+
+    @torch.no_grad()
+    def release(self, k: int, held: dict) -> None:
+        for name, value in held.items():
+            self.buffers[name][k].copy_(value)
+
+    @torch.no_grad()
+    def weights(self, k: int) -> dict:
+        return {"params": [p.detach().clone() for p in self.params[k]], "buffers": self.hold(k)}
+
+    @torch.no_grad()
+    def load_weights(self, k: int, state: dict) -> None:
+        for param, value in zip(self.params[k], state["params"]):
+            param.copy_(value)
+        self.release(k, state["buffers"])
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Copy the batched BatchNorm statistics back into the K networks."""
+        for k, net in enumerate(self.nets):
+            own = dict(net.named_buffers())
+            for name, buffer in self.buffers.items():
+                own[name].copy_(buffer[k])
+
+
+def stack_stages(stages_per_run: list[list[Stage]]) -> list[Stage]:
+    """Per-run stage lists (same plan) -> one list of stages with batched tensors.
+
+    net_input becomes (K, Cin, H, W); the target stays (1, C, H, W) when every run has
+    the same target, else it is stacked too.
+    """
+    plans = [[(s.index, s.steps) for s in stages] for stages in stages_per_run]
+    if any(plan != plans[0] for plan in plans[1:]):
+        raise ValueError("replicas must follow the same stage plan")
+    batched = []
+    for i, first in enumerate(stages_per_run[0]):
+        column = [stages[i] for stages in stages_per_run]
+        same_target = all(s.target is first.target or torch.equal(s.target, first.target) for s in column)
+        batched.append(Stage(
+            index=first.index, steps=first.steps,
+            net_input=torch.cat([s.net_input for s in column]),
+            target=first.target if same_target else torch.cat([s.target for s in column]),
+            info=dict(first.info),
+        ))
+    return batched
+
+
+def fit_dip_replicas(
+    nets: list[torch.nn.Module],
+    stages: list[list[Stage]],
+    settings: DipSettings,
+    early_stops: list | None = None,
+    clean: torch.Tensor | None = None,
+    generators: list | None = None,
+) -> list[DipResult]:
+    """``fit_dip`` for K networks at once: stages[k], early_stops[k] and generators[k]
+    belong to nets[k]. Returns K results equal to K separate ``fit_dip`` calls (their
+    ``seconds`` is the shared wall time). One network runs through ``fit_dip`` itself.
+    """
+    count = len(nets)
+    if len(stages) != count:
+        raise ValueError(f"{count} networks but {len(stages)} stage lists")
+    early_stops = list(early_stops) if early_stops is not None else [NoStop() for _ in range(count)]
+    generators = list(generators) if generators is not None else [None] * count
+    if count == 1:
+        return [fit_dip(nets[0], stages[0], settings, early_stops[0], clean=clean, generator=generators[0])]
+    if len({id(rule) for rule in early_stops}) != count:
+        raise ValueError("each replica needs its own early-stopping rule object")
+    if any(rule.uses_clean_image for rule in early_stops) and clean is None:
+        raise ValueError("early stopping on PSNR needs the clean image")
+    for net in nets:
+        net.train()
+    return run_loop(ReplicaRuns(nets, settings), stack_stages(stages), settings, early_stops,
+                    clean=clean, generators=generators)
