@@ -10,7 +10,8 @@ variant alike (medians over ``--repeats`` rounds):
   networks also a plain PyTorch notebook loop (``plain``) and the execution options
   (channels-last, bf16 autocast, torch.compile), each as a speed ratio;
 - eval: wall time per evaluation point and its share of the wall time at ``eval_every``;
-- replicas: K networks in one batched ``fit_dip_replicas`` against K ``fit_dip`` runs;
+- replicas: K networks in one ``fit_dip_replicas`` call (vmap and loop modes) against
+  K sequential ``fit_dip`` runs, per replica-step;
 - sampling: ancestral DDPM sampling ms per step of small eps-nets at batch 1 and 64.
 
 Prints a table and writes bench.csv (device, torch version and threads on every row).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import multiprocessing
 import platform
 import statistics
 import sys
@@ -35,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dipddpm.dip import DipSettings, Stage, fit_dip
 from dipddpm.errors import ConfigError
 from dipddpm.models import FAMILIES, build_backbone, size_requirement
-from dipddpm.replicas import fit_dip_replicas
+from dipddpm.replicas import fit_dip_replicas, resolve_mode
 from dipddpm.runtime import resolve_device
 from dipddpm.sweep import config_dir
 
@@ -50,6 +52,7 @@ CODE_CHANNELS, OUT_CHANNELS = 32, 3
 DIP_DEFAULTS = dict(lr=0.01, reg_noise_std=1 / 30, ema=0.99)
 SAMPLING_NETS = ("unet_ln", "unet_res")
 SAMPLING_SIDE = 28
+REPLICA_VARIANTS = ("vmap", "loop", "sequential")
 
 
 @dataclass
@@ -151,6 +154,46 @@ def plain_steps(net, code, target, steps: int, device) -> float:
     return time.perf_counter() - start
 
 
+def case_tensors(size: int, device) -> tuple:
+    """(clean, noisy target, code) of a benchmark case, the same in every process."""
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.rand((1, OUT_CHANNELS, size, size), generator=generator)
+    target = (clean + 0.1 * torch.randn(clean.shape, generator=generator)).clamp(0, 1)
+    code = 0.1 * torch.rand((1, CODE_CHANNELS, size, size), generator=generator)
+    return clean.to(device), target.to(device), code.to(device)
+
+
+def _plain_worker(connection, backbone: str, size: int, threads: int, device: str) -> None:
+    """Serve plain_steps timings: receive a step count, send seconds per step; None ends."""
+    torch.set_num_threads(threads)
+    device = torch.device(device)
+    _, target, code = case_tensors(size, device)
+    net = plain_net_for(backbone_config(backbone), CODE_CHANNELS, OUT_CHANNELS).to(device)
+    while (steps := connection.recv()) is not None:
+        connection.send(plain_steps(net, code, target, steps, device) / steps)
+
+
+class PlainWorker:
+    """The plain baseline in a fresh process, so that nothing this process has switched
+    on (the allocator setting of fit_dip, backend flags) reaches it: a notebook's view."""
+
+    def __init__(self, backbone: str, size: int, device: torch.device):
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=_plain_worker, daemon=True,
+                                       args=(child, backbone, size, torch.get_num_threads(), str(device)))
+        self.process.start()
+
+    def seconds_per_step(self, steps: int) -> float:
+        self.connection.send(steps)
+        return self.connection.recv()
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.connection.send(None)
+            self.process.join(timeout=30)
+
+
 def train_step_flops(net, code, target) -> int:
     """FLOPs of one forward + backward pass (matmul and convolution FLOPs)."""
     with FlopCounterMode(display=False) as counter:
@@ -187,24 +230,20 @@ class DipCase:
         self.name, self.size, self.options = name, size, options
         self.cfg = backbone_config(name)
         device = options.device
-        generator = torch.Generator().manual_seed(0)
-        self.clean = torch.rand((1, OUT_CHANNELS, size, size), generator=generator).to(device)
-        noise = torch.randn(self.clean.shape, generator=generator).to(device)
-        self.target = (self.clean + 0.1 * noise).clamp(0, 1)
-        self.code = (0.1 * torch.rand((1, CODE_CHANNELS, size, size), generator=generator)).to(device)
+        self.clean, self.target, self.code = case_tensors(size, device)
         torch.manual_seed(0)
         self.net = build_backbone(self.cfg, CODE_CHANNELS, OUT_CHANNELS).to(device)
         self.flops = train_step_flops(self.net, self.code, self.target)
-        self.plain_net = plain_net_for(self.cfg, CODE_CHANNELS, OUT_CHANNELS)
-        if self.plain_net is not None:
-            self.plain_net = self.plain_net.to(device)
+        self.plain = None
+        if plain_net_for(self.cfg, CODE_CHANNELS, OUT_CHANNELS) is not None:
+            self.plain = PlainWorker(name, size, device)
         self.settings = DipSettings(**DIP_DEFAULTS, eval_every=options.eval_every)
         self.variant_nets: dict[str, nn.Module] = {}
         self.eval_costs: list[tuple[float, float]] = []
 
     def variants(self, first_of_family: bool) -> list[str]:
         names = ["ours"]
-        if self.plain_net is not None:
+        if self.plain is not None:
             names.append("plain")
         if self.options.variants and first_of_family and self.cfg.name == "skip":
             names += ["channels_last", "autocast_bf16"]
@@ -228,7 +267,7 @@ class DipCase:
     def run(self, variant: str, steps: int) -> float:
         """Seconds per step of ``steps`` training steps of ``variant``."""
         if variant == "plain":
-            return plain_steps(self.plain_net, self.code, self.target, steps, self.options.device) / steps
+            return self.plain.seconds_per_step(steps)
         stage = Stage(index=0, steps=steps, net_input=self.code, target=self.target)
         generator = torch.Generator(device=self.options.device).manual_seed(1)
         result = fit_dip(self._net_for(variant), [stage], self._settings_for(variant), clean=self.clean,
@@ -257,12 +296,13 @@ class ReplicaCase:
         return [torch.Generator(device=self.case.options.device).manual_seed(k) for k in range(self.count)]
 
     def run(self, variant: str, steps: int) -> float:
-        """Seconds per replica-step, batched or sequential."""
+        """Seconds per replica-step: one fit_dip_replicas call in mode ``variant`` (vmap,
+        loop) or K fit_dip calls (sequential)."""
         settings, clean = self.case.settings, self.case.clean
         generators = self._generators()
-        if variant == "batched":
+        if variant != "sequential":
             results = fit_dip_replicas(self.nets, [self._stages(k, steps) for k in range(self.count)], settings,
-                                       clean=clean, generators=generators)
+                                       clean=clean, generators=generators, mode=variant)
             return results[0].seconds / (steps * self.count)
         total = 0.0
         for k in range(self.count):
@@ -337,9 +377,14 @@ def bench_dip(options: Options, ceiling_jobs: dict) -> tuple[list[dict], list[fl
     skip_cases = [case for case, _ in cases if case.cfg.name == "skip"]
     if options.replicas > 1 and skip_cases:
         replica_case = ReplicaCase(skip_cases[0], options.replicas)
-        for variant in ("batched", "sequential"):
+        for variant in REPLICA_VARIANTS:
             jobs[("replicas", variant)] = lambda steps, v=variant: replica_case.run(v, steps)
-    timings = measure_rounds(jobs, options.steps, options.repeats)
+    try:
+        timings = measure_rounds(jobs, options.steps, options.repeats)
+    finally:
+        for case, _ in cases:
+            if case.plain is not None:
+                case.plain.close()
     ceiling_times = [t for key in ceiling_jobs for t in timings[key]]
     ceiling = 2 * options.ceiling_size**3 / statistics.median(ceiling_times) / 1e9
     rows = []
@@ -352,7 +397,7 @@ def bench_dip(options: Options, ceiling_jobs: dict) -> tuple[list[dict], list[fl
                 ratio, basis = None, ""
             else:
                 ratio, basis = median["ours"] / median[variant], f"ours ms / {variant} ms"
-            note = "notebook loop, plain nn modules" if variant == "plain" else ""
+            note = "notebook loop, plain nn modules, own process" if variant == "plain" else ""
             rows.append(_row("dip", case.name, case.size, variant, 1, options.steps, median[variant], case.flops,
                              ceiling, ratio, basis, note=note))
         per_eval = statistics.median(e for e, _ in case.eval_costs)
@@ -362,14 +407,14 @@ def bench_dip(options: Options, ceiling_jobs: dict) -> tuple[list[dict], list[fl
                          note="PSNR on device + SSIM per evaluation point", eval_ms=1e3 * per_eval, eval_share=share))
     if replica_case is not None:
         base = replica_case.case
-        batched = statistics.median(timings[("replicas", "batched")])
-        sequential = statistics.median(timings[("replicas", "sequential")])
-        for variant, seconds in (("batched", batched), ("sequential", sequential)):
-            ratio = sequential / batched if variant == "batched" else None
+        median = {v: statistics.median(timings[("replicas", v)]) for v in REPLICA_VARIANTS}
+        default_mode = resolve_mode("auto", options.device)
+        for variant in REPLICA_VARIANTS:
+            ratio = median["sequential"] / median[variant] if variant != "sequential" else None
+            note = "ms per replica-step" + (" (replica_mode auto)" if variant == default_mode else "")
             rows.append(_row("replicas", base.name, base.size, f"{variant} K={replica_case.count}",
-                             replica_case.count, options.steps, seconds, base.flops, ceiling, ratio,
-                             "sequential ms / batched ms" if ratio else "",
-                             note="ms per replica-step"))
+                             replica_case.count, options.steps, median[variant], base.flops, ceiling, ratio,
+                             f"sequential ms / {variant} ms" if ratio else "", note=note))
     return rows, ceiling_times
 
 

@@ -1,14 +1,21 @@
-"""K independent DIP runs trained in one process as one batched computation.
+"""K independent DIP runs trained in one process, in lockstep.
 
 The K networks share an architecture but nothing else: each keeps its own parameters,
 Adam state, BatchNorm statistics, network input, jitter generator and early-stopping
-rule. Every step stacks the K parameter sets and evaluates the K networks with
-``torch.func.vmap`` over ``functional_call``; each run sees its own batch of one, so
-training-mode BatchNorm normalises each run with its own statistics and updates its
-own running averages. Convolutions with stacked weights become one grouped
-convolution. Gradients flow back through the stacking into each network's own
-parameters, and one fused Adam per network updates them, so run k follows the same
-path as ``fit_dip`` on network k alone, up to floating-point rounding.
+rule, so run k follows the same path as ``fit_dip`` on network k alone, up to
+floating-point rounding. One loop, one backward pass, one fused Adam call and one
+batched evaluation serve all K runs. Two ways to evaluate the K networks:
+
+- ``vmap``: one batched computation. The K parameter sets are stacked every step and
+  ``torch.func.vmap`` runs ``functional_call`` over them; each run sees its own batch
+  of one, so training-mode BatchNorm normalises each run with its own statistics and
+  updates its own (stacked) running averages. Convolutions become grouped convolutions.
+- ``loop``: the K networks are called one after the other inside the same step. A run
+  that its rule has stopped is not evaluated at all until the stage ends.
+
+``auto`` picks vmap on CUDA, where one wide computation fills the device, and loop on
+the CPU, where grouped convolutions measured slower than K separate ones for the
+full-size skip network (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -21,53 +28,77 @@ from torch.func import functional_call, vmap
 from dipddpm.dip import DipResult, DipSettings, Stage, fit_dip, make_optimizer, run_loop
 from dipddpm.early_stop import NoStop
 
+MODES = ("auto", "vmap", "loop")
+
 
 def replica_seeds(seed: int, count: int) -> list[int]:
     """The seeds of ``count`` replicas started from ``seed``: seed, seed + 1, ..."""
     return [int(seed) + k for k in range(int(count))]
 
 
+def resolve_mode(mode: str, device) -> str:
+    """auto -> vmap on CUDA, loop elsewhere."""
+    if mode not in MODES:
+        raise ValueError(f"replica mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "auto":
+        return "vmap" if torch.device(device).type == "cuda" else "loop"
+    return mode
+
+
 class ReplicaRuns:
     """K networks of one architecture as the trainee of :func:`dipddpm.dip.run_loop`."""
 
-    def __init__(self, nets: list[torch.nn.Module], settings: DipSettings):
+    def __init__(self, nets: list[torch.nn.Module], settings: DipSettings, mode: str = "loop"):
         if settings.channels_last:
             raise ValueError("channels_last is not supported with replicas")
         self.nets, self.settings, self.count = list(nets), settings, len(nets)
         shapes = [[(n, tuple(p.shape)) for n, p in net.named_parameters()] for net in self.nets]
         if any(s != shapes[0] for s in shapes[1:]):
             raise ValueError("replica networks must share one architecture")
+        self.mode = mode
         self.names = [name for name, _ in shapes[0]]
         self.params = [[dict(net.named_parameters())[name] for name in self.names] for net in self.nets]
-        buffer_sets = [dict(net.named_buffers()) for net in self.nets]
-        self.buffers = {name: torch.stack([b[name] for b in buffer_sets]) for name in buffer_sets[0]}
-        self.template = copy.deepcopy(self.nets[0]).to("meta")
-        batched = vmap(self._one, in_dims=(0, 0, 0))
-        self.batched = torch.compile(batched) if settings.compile else batched
-        self.optimizers = [make_optimizer(p, settings) for p in self.params]
+        self.optimizer = make_optimizer([p for params in self.params for p in params], settings)
+        if mode == "vmap":
+            buffer_sets = [dict(net.named_buffers()) for net in self.nets]
+            self.buffers = {name: torch.stack([b[name] for b in buffer_sets]) for name in buffer_sets[0]}
+            self.template = copy.deepcopy(self.nets[0]).to("meta")
+            batched = vmap(self._one, in_dims=(0, 0, 0))
+            self.batched = torch.compile(batched) if settings.compile else batched
+        else:
+            self.calls = [torch.compile(net) if settings.compile else net for net in self.nets]
 
     def _one(self, params: dict, buffers: dict, net_input: torch.Tensor) -> torch.Tensor:
         return functional_call(self.template, (params, buffers), (net_input,))
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(K, Cin, H, W), row k for network k -> (K, C, H, W)."""
-        stacked = {name: torch.stack([p[i] for p in self.params]) for i, name in enumerate(self.names)}
-        return self.batched(stacked, self.buffers, inputs.unsqueeze(1)).squeeze(1)
+    def forward(self, inputs: torch.Tensor, active: list[bool]) -> torch.Tensor:
+        """(K, Cin, H, W), row k for network k -> (K, C, H, W); rows of stopped runs
+        are zeros in loop mode (their networks are not called)."""
+        if self.mode == "vmap":
+            stacked = {name: torch.stack([p[i] for p in self.params]) for i, name in enumerate(self.names)}
+            return self.batched(stacked, self.buffers, inputs.unsqueeze(1)).squeeze(1)
+        outputs = [call(inputs[k:k + 1]) if on else None for k, (call, on) in enumerate(zip(self.calls, active))]
+        reference = next(out for out in outputs if out is not None)
+        return torch.cat([torch.zeros_like(reference) if out is None else out for out in outputs])
 
     def zero_grad(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def step(self, active: list[bool]) -> None:
-        for optimizer, on in zip(self.optimizers, active):
-            if on:
-                optimizer.step()
+        """One Adam step for the active runs (a run without gradients is skipped by Adam)."""
+        for params, on in zip(self.params, active):
+            if not on:
+                for param in params:
+                    param.grad = None
+        self.optimizer.step()
 
     def reset_optimizers(self) -> None:
-        self.optimizers = [make_optimizer(p, self.settings) for p in self.params]
+        self.optimizer = make_optimizer([p for params in self.params for p in params], self.settings)
 
     def hold(self, k: int) -> dict:
-        """Network k's BatchNorm statistics, which the other runs' steps keep updating."""
+        """Network k's BatchNorm statistics where the other runs' steps would change them (vmap)."""
+        if self.mode != "vmap":
+            return {}
         return {name: buffer[k].clone() for name, buffer in self.buffers.items()}
 
     @torch.no_grad()
@@ -77,17 +108,24 @@ class ReplicaRuns:
 
     @torch.no_grad()
     def weights(self, k: int) -> dict:
+        if self.mode != "vmap":
+            return copy.deepcopy(self.nets[k].state_dict())
         return {"params": [p.detach().clone() for p in self.params[k]], "buffers": self.hold(k)}
 
     @torch.no_grad()
     def load_weights(self, k: int, state: dict) -> None:
+        if self.mode != "vmap":
+            self.nets[k].load_state_dict(state)
+            return
         for param, value in zip(self.params[k], state["params"]):
             param.copy_(value)
         self.release(k, state["buffers"])
 
     @torch.no_grad()
     def finish(self) -> None:
-        """Copy the batched BatchNorm statistics back into the K networks."""
+        """Copy the stacked BatchNorm statistics back into the K networks (vmap)."""
+        if self.mode != "vmap":
+            return
         for k, net in enumerate(self.nets):
             own = dict(net.named_buffers())
             for name, buffer in self.buffers.items():
@@ -123,10 +161,12 @@ def fit_dip_replicas(
     early_stops: list | None = None,
     clean: torch.Tensor | None = None,
     generators: list | None = None,
+    mode: str = "auto",
 ) -> list[DipResult]:
     """``fit_dip`` for K networks at once: stages[k], early_stops[k] and generators[k]
-    belong to nets[k]. Returns K results equal to K separate ``fit_dip`` calls (their
-    ``seconds`` is the shared wall time). One network runs through ``fit_dip`` itself.
+    belong to nets[k]; ``mode`` is auto | vmap | loop (see the module docstring).
+    Returns K results equal to K separate ``fit_dip`` calls (their ``seconds`` is the
+    shared wall time). One network runs through ``fit_dip`` itself.
     """
     count = len(nets)
     if len(stages) != count:
@@ -141,5 +181,7 @@ def fit_dip_replicas(
         raise ValueError("early stopping on PSNR needs the clean image")
     for net in nets:
         net.train()
-    return run_loop(ReplicaRuns(nets, settings), stack_stages(stages), settings, early_stops,
+    batched = stack_stages(stages)
+    runs = ReplicaRuns(nets, settings, resolve_mode(mode, batched[0].target.device))
+    return run_loop(runs, batched, settings, early_stops,
                     clean=clean, generators=generators)

@@ -85,6 +85,7 @@ def test_classical_and_dip_runs_see_the_identical_noisy_input(tmp_path):
     assert (tmp_path / "other" / "noisy.png").read_bytes() != (tmp_path / "dip" / "noisy.png").read_bytes()
 
 
+@needs("wavelet")                                           # estimate_sigma uses PyWavelets too
 def test_estimated_sigma_is_recorded_and_close_to_the_true_one(tmp_path):
     cfg = composed(*TINY, "method=classical", "method.algorithm=nlm", "method.sigma=estimated",
                    "data.image=camera")
@@ -104,6 +105,14 @@ def test_missing_bm3d_gives_the_install_message(monkeypatch):
     assert str(caught.value) == ("method.algorithm='bm3d' is not allowed: the bm3d package is not installed; "
                                  "install it with pip install 'dipddpm[baselines]'")
     assert "bm3d" not in classical.available_algorithms()
+
+
+def test_missing_pywavelets_stops_wavelet_and_estimated_sigma(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pywt", None)
+    with pytest.raises(ConfigError, match=r"^method.algorithm='wavelet' is not allowed: the PyWavelets package"):
+        classical.validate(composed(*TINY, "method=classical", "method.algorithm=wavelet"))
+    with pytest.raises(ConfigError, match=r"^method.sigma='estimated' is not allowed: .*dipddpm\[baselines\]'$"):
+        classical.validate(composed(*TINY, "method=classical", "method.sigma=estimated"))
 
 
 def test_bad_settings_are_config_errors():

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from torch import nn
 
 from dipddpm.diffusion import ancestral_sample
@@ -22,10 +23,10 @@ from dipddpm.methods import ddpm_dipnoise, ddpm_single
 from dipddpm.schedulers import linear_schedule
 from dipddpm.sweep import config_dir
 
-# Reverse chains shortened 100x under smoke (the profile's sample_step_scale; quick and
-# faithful keep the real lengths).
-CHAIN_SCALE = 0.01
-SMOKE = ["profile=smoke", "seeds=1", "threads=1", f"++profile.sample_step_scale={CHAIN_SCALE}"]
+# Reverse chains are shortened 100x under smoke (conf/profile/smoke.yaml's sample_step_scale;
+# quick and faithful keep the real lengths).
+CHAIN_SCALE = float(OmegaConf.load(config_dir() / "profile" / "smoke.yaml").sample_step_scale)
+SMOKE = ["profile=smoke", "seeds=1", "threads=1"]
 
 # experiment -> (sweep overrides that trim its grid, jobs, DDPM trainings in the sweep). Each
 # job costs about a second of Hydra composition, so the grids are cut to a few jobs each.
@@ -213,12 +214,14 @@ def test_experiment_configs_are_valid_and_describe_their_plan():
     cfg = composed("experiment=truncated/schedule_length", "scheduler.num_timesteps=501", "profile=quick")
     ddpm_single.validate(cfg)
     _, plan = ddpm_single.describe(cfg)
-    assert plan == {"x0_source": "dip", "dip_steps": 200, "train_iterations": 300, "t_max": 500,
+    dip_steps = common.profile_steps(cfg.profile, cfg.method.dip.steps)
+    assert plan == {"x0_source": "dip", "dip_steps": dip_steps, "train_iterations": 300, "t_max": 500,
                     "num_timesteps": 501, "t_start": 500, "model_calls": 501, "num_samples": 32}
     assert cfg.method.dip_backbone.hidden == [64, 64, 1] and cfg.backbone.name == "unet_res"
     cfg = composed("experiment=dipnoise/time_vs_steps", "profile=quick", "method.steps=300")
     ddpm_dipnoise.validate(cfg)
     _, plan = ddpm_dipnoise.describe(cfg)
-    assert plan["chain_steps"] == 300 and plan["train_iterations"] == 80 and plan["dip_steps"] == 20
+    assert plan["chain_steps"] == 300 and plan["train_iterations"] == 80
+    assert plan["dip_steps"] == common.profile_steps(cfg.profile, cfg.method.dip.steps)
     assert ddpm_single.clean_image_uses(composed("experiment=truncated/dip_vs_clean", "method.x0_source=clean"))
     assert not ddpm_single.clean_image_uses(composed("experiment=truncated/dip_vs_clean"))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from torch import nn
 
 from dipddpm.data import cifar
@@ -56,7 +56,7 @@ def test_unet_wide_config_defaults_groups_and_profiles():
     assert unet_wide.group_count(8, 32) == 2 and unet_wide.group_count(48, 32) == 12
     assert unet_wide.group_count(3, 32) == 1 and unet_wide.group_count(64, 4) == 4
     quick = unet_wide.for_profile(cfg, "quick")
-    assert quick.base_channels == 32 and "at_profile" not in quick
+    assert quick.base_channels == 16 and "at_profile" not in quick
     assert unet_wide.for_profile(cfg, "faithful").base_channels == 128
     with pytest.raises(ConfigError):
         unet_wide.for_profile(OmegaConf.merge(cfg, {"at_profile": {"quick": {"width": 3}}}), "quick")
@@ -223,6 +223,19 @@ def test_respaced_chain_keeps_the_marginals():
     assert all_steps == list(range(100)) and torch.allclose(full.betas, schedule.betas)
 
 
+def test_sampler_tracks_the_unclipped_x0_on_a_respaced_chain():
+    cfg = OmegaConf.create({"method": {"sample": {"variance": "beta", "clip_x0": True}}})
+    schedule = linear_schedule(50, 1e-2, 0.2)
+    sampler = ddpm_dataset.Sampler(cfg, schedule, 5, "none", None, "cpu")
+    model = ZeroEps()
+    seen = []
+    result = sampler(model, 2, torch.Generator().manual_seed(0), callback=lambda t, x, x0: seen.append((t, x, x0)))
+    assert [t for t, _, _ in seen] == [49, 37, 24, 12, 0] and result.model_calls == 5
+    assert [int(t[0]) for _, t in model.seen] == [49, 37, 24, 12, 0]
+    t, x_t, x0 = seen[0]
+    assert torch.allclose(x0, x_t / schedule.alphas_cumprod[49].sqrt().float()) and x0.abs().max() > 1
+
+
 def test_rd_rows_and_nearest_reference():
     images = torch.stack([torch.full((3, 2, 2), v) for v in (-1.0, 0.0, 1.0)])
     samples = torch.stack([torch.full((3, 2, 2), 0.9), torch.full((3, 2, 2), -0.2)])
@@ -253,13 +266,28 @@ def test_bad_config_is_a_config_error(overrides, key):
 
 
 def test_experiment_sets_r5_schedule_per_run():
-    plans = {mode: ddpm_dataset.plan(composed("experiment=dip_in_ddpm/ideas", "profile=quick",
-                                              f"method.dip_mode={mode}"))
-             for mode in ddpm_dataset.DIP_MODES}
+    configs = {mode: composed("experiment=dip_in_ddpm/ideas", "profile=quick", f"method.dip_mode={mode}")
+               for mode in ddpm_dataset.DIP_MODES}
+    plans = {mode: ddpm_dataset.plan(cfg) for mode, cfg in configs.items()}
+    profile = configs["none"].profile
     assert {m: p["num_timesteps"] for m, p in plans.items()} == {"none": 1000, "replace_noise": 800, "target": 800}
-    assert {m: p["dip_steps"] for m, p in plans.items()} == {"none": 0, "replace_noise": 5, "target": 100}
-    assert plans["none"]["epochs"] == 10 and plans["none"]["chain_steps"] == 100
-    assert plans["none"]["grid_iterations"] == [5 * plans["none"]["iterations_per_epoch"]]
+    long_fit = max(5, round(1000 * profile.step_scale), profile.min_steps)
+    assert {m: p["dip_steps"] for m, p in plans.items()} == {"none": 0, "replace_noise": 5, "target": long_fit}
+    assert plans["none"]["epochs"] == pytest.approx(100 * profile.train_scale)
+    assert plans["none"]["chain_steps"] == max(profile.min_steps, round(1000 * profile.step_scale))
+    assert plans["none"]["lr"] == 2e-3
+    faithful = composed("experiment=dip_in_ddpm/ideas", "profile=faithful")
+    assert ddpm_dataset.plan(faithful)["lr"] == 2e-4
+    assert ddpm_dataset.effective_config(faithful).backbone.base_channels == 128
+    assert ddpm_dataset.effective_config(configs["none"]).backbone.base_channels == 16
+    with open_dict(faithful):
+        faithful.method.at_profile.faithful = {"train": {"learning_rate": 1.0}}
+    with pytest.raises(ConfigError) as error:
+        ddpm_dataset.validate(faithful)
+    assert error.value.key == "method.at_profile.faithful"
+    per_epoch = plans["none"]["iterations_per_epoch"]
+    assert plans["none"]["grid_iterations"] == list(range(5 * per_epoch, plans["none"]["train_iterations"],
+                                                          5 * per_epoch))
 
 
 # ---------------------------------------------------------------- the sweep

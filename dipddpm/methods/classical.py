@@ -154,6 +154,9 @@ def validate(cfg) -> None:
     m = cfg.method
     require_algorithm(m.algorithm)
     require_choice("method.sigma", m.sigma, SIGMA_SOURCES)
+    if m.sigma == "estimated" and package_missing("wavelet"):
+        raise ConfigError("method.sigma", m.sigma, "estimate_sigma needs the PyWavelets package, which is not "
+                                                   f"installed; {INSTALL_HINT}")
     require_choice("method.psnr_metric", m.psnr_metric, ("float", "uint8"))
     require_choice("data.name", cfg.data.name, ("image",))
     require(float(m.nlm.h_factor) > 0, "method.nlm.h_factor", m.nlm.h_factor, "a number > 0")

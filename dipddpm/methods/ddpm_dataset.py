@@ -31,7 +31,9 @@ encoder features to the held-out split (dipddpm.patch_metrics).
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -40,7 +42,8 @@ import time
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from dipddpm import patch_metrics
@@ -51,7 +54,7 @@ from dipddpm.diffusion.checkpoints import checkpoint_key
 from dipddpm.diffusion.sampling import VARIANCES
 from dipddpm.diffusion.training import LR_SCHEDULES
 from dipddpm.dip import DipSettings, Stage, fit_dip
-from dipddpm.errors import require, require_choice
+from dipddpm.errors import ConfigError, require, require_choice
 from dipddpm.io import save_figure_atomic, save_image_atomic, write_bytes_atomic, write_text_atomic
 from dipddpm.methods import diffusion_common as common
 from dipddpm.metrics import psnr
@@ -73,11 +76,31 @@ CACHE_VERSION = 1
 # ---------------------------------------------------------------- configuration
 
 
-def eps_backbone(cfg):
-    """The eps-net config with the profile's preset (backbone.at_profile) applied."""
-    if cfg.backbone.get("at_profile") is None:
-        return cfg.backbone
-    return for_profile(cfg.backbone, cfg.profile.get("name"))
+def effective_config(cfg):
+    """A copy of ``cfg`` with the profile's presets applied: ``backbone.at_profile[profile.name]``
+    merged over the backbone (unet_wide.for_profile) and ``method.at_profile[profile.name]``
+    over the method (e.g. a larger learning rate for the short quick runs). A preset key
+    that the group does not have is a ConfigError."""
+    name = cfg.profile.get("name")
+    method = common.plain(cfg.method)
+    presets = method.pop("at_profile", None) or {}
+    require(isinstance(presets, dict), "method.at_profile", presets, "a mapping from profile name to method keys")
+    base = OmegaConf.create(method)
+    OmegaConf.set_struct(base, True)
+    try:
+        merged = OmegaConf.merge(base, presets.get(name) or {})
+    except OmegaConfBaseException as error:  # an unknown key or a wrong type in the preset
+        raise ConfigError(f"method.at_profile.{name}", presets.get(name),
+                          f"keys of the method config ({error})") from None
+    OmegaConf.set_struct(merged, False)
+    backbone = cfg.backbone
+    if backbone.get("at_profile") is not None:
+        backbone = for_profile(backbone, name)
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.method = merged
+        out.backbone = OmegaConf.create(common.plain(backbone))
+    return out
 
 
 def _flag(key: str, value) -> bool:
@@ -86,15 +109,17 @@ def _flag(key: str, value) -> bool:
 
 
 def validate(cfg) -> None:
+    cfg = effective_config(cfg)
     m = cfg.method
     cifar.validate_data_config(cfg.data)
-    common.validate_eps_backbone(OmegaConf.create({"backbone": common.plain(eps_backbone(cfg))}), SIDE)
+    common.validate_eps_backbone(cfg, SIDE)
     require_choice("method.dip_mode", m.dip_mode, DIP_MODES)
     schedule = common.schedule_from(cfg)
     if m.dip_mode != "none":
         check_size(m.dip_backbone, SIDE, key="method.dip_backbone")
         if m.dip.steps is not None:
             common.require_int("method.dip.steps", m.dip.steps)
+        common.require_int("method.dip.min_steps", m.dip.min_steps)
         common.validate_dip_settings(OmegaConf.merge(m.dip, {"steps": 1}), "method.dip")
         common.require_int("method.dip.code_channels", m.dip.code_channels)
         require(isinstance(m.dip.sigma, (int, float)) and 0 <= m.dip.sigma <= 1, "method.dip.sigma", m.dip.sigma,
@@ -140,17 +165,19 @@ def clean_image_uses(cfg) -> list[str]:
 
 
 def dip_steps(cfg) -> int:
-    """The DIP's fitting steps: method.dip.steps (null: R5's 5 for replace_noise, 1000 for target),
-    shortened by the profile's step_scale but never lengthened by its min_steps; 0 for dip_mode none."""
+    """The DIP's fitting steps: method.dip.steps (null: R5's 5 for replace_noise, 1000 for
+    target) times the profile's step_scale, but at least min(steps, method.dip.min_steps), so a
+    profile shortens a long fit and leaves a short one (idea 1's 5 steps) as it is; 0 for none."""
     m = cfg.method
     if m.dip_mode == "none":
         return 0
     steps = int(m.dip.steps) if m.dip.steps is not None else DEFAULT_DIP_STEPS[m.dip_mode]
-    return min(steps, common.profile_steps(cfg.profile, steps))
+    return min(steps, max(common.profile_steps(cfg.profile, steps), int(m.dip.min_steps)))
 
 
 def plan(cfg, train_count: int | None = None) -> dict:
     """Run sizes after the profile: iterations, epochs, chain length, grid epochs."""
+    cfg = effective_config(cfg)
     m = cfg.method
     schedule = common.schedule_from(cfg)
     count = train_count if train_count is not None else len(cifar.load_dataset(cfg.data, "train"))
@@ -167,7 +194,7 @@ def plan(cfg, train_count: int | None = None) -> dict:
         "dip_mode": str(m.dip_mode), "dip_steps": dip_steps(cfg), "num_timesteps": T,
         "train_images": count, "iterations_per_epoch": per_epoch, "train_iterations": iterations,
         "epochs": iterations / per_epoch, "grid_iterations": grid_iterations, "chain_steps": chain,
-        "num_samples": int(cfg.profile.num_samples),
+        "num_samples": int(cfg.profile.num_samples), "lr": float(m.train.lr),
     }
 
 
@@ -176,7 +203,8 @@ def describe(cfg):
     where = {"none": "nowhere (pure DDPM)", "replace_noise": "forward/sampling noise and loss target (idea 1)",
              "target": "loss target only (idea 2)"}[p["dip_mode"]]
     text = (f"DIP output in: {where}; DIP {p['dip_steps']} steps. DDPM T={p['num_timesteps']} on "
-            f"{p['train_images']} images: {p['train_iterations']} iterations ({p['epochs']:.3g} epochs), "
+            f"{p['train_images']} images: {p['train_iterations']} iterations "
+            f"({p['epochs']:.3g} epochs, lr {p['lr']:g}), "
             f"grids after iterations {p['grid_iterations']}; {p['num_samples']} samples over "
             f"{p['chain_steps']} reverse steps")
     return text, p
@@ -314,15 +342,18 @@ def sampling_noise_fn(mode: str, dip_noise: DipNoise | None, generator: torch.Ge
 
 
 class Respaced(nn.Module):
-    """An eps-net on a respaced chain: step index i of the short chain is timestep timesteps[i]."""
+    """An eps-net on a respaced chain: step index i of the short chain is timestep timesteps[i].
+    The last output is kept in ``last_eps`` (for the unclipped x0 of the rate-distortion curve)."""
 
     def __init__(self, model: nn.Module, timesteps):
         super().__init__()
         self.model = model
         self.register_buffer("timesteps", torch.as_tensor(list(timesteps), dtype=torch.long))
+        self.last_eps = None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.model(x, self.timesteps.to(t.device)[t.long()])
+        self.last_eps = self.model(x, self.timesteps.to(t.device)[t.long()])
+        return self.last_eps
 
 
 def respaced_chain(schedule: NoiseSchedule, steps: int) -> tuple[NoiseSchedule, list[int]]:
@@ -336,22 +367,27 @@ def respaced_chain(schedule: NoiseSchedule, steps: int) -> tuple[NoiseSchedule, 
 
 
 class Sampler:
-    """Ancestral sampling of (count, 3, 32, 32) images on the configured chain."""
+    """Ancestral sampling of (count, 3, 32, 32) images on the configured chain (all T steps, or
+    ``chain_steps`` respaced ones).
+
+    ``callback(t, x_t, x0)`` gets the original timestep and the network's x0 prediction
+    (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) before any clipping (sample.clip_x0 only
+    changes the chain itself).
+    """
 
     def __init__(self, cfg, schedule: NoiseSchedule, chain_steps: int, mode: str, dip_noise, device):
-        self.respaced = chain_steps < schedule.num_timesteps
-        if self.respaced:
-            self.schedule, self.timesteps = respaced_chain(schedule, chain_steps)
-        else:
-            self.schedule, self.timesteps = schedule, list(range(schedule.num_timesteps))
+        self.schedule, self.timesteps = respaced_chain(schedule, min(chain_steps, schedule.num_timesteps))
+        self.abar = self.schedule.alphas_cumprod.tolist()
         self.mode, self.dip_noise, self.device = mode, dip_noise, device
         self.variance, self.clip = str(cfg.method.sample.variance), bool(cfg.method.sample.clip_x0)
 
     def __call__(self, model: nn.Module, count: int, seed_generator: torch.Generator, callback=None):
-        net = Respaced(model, self.timesteps) if self.respaced else model
+        net = Respaced(model, self.timesteps)
         wrapped = None
         if callback is not None:
-            wrapped = lambda i, x_t, x0: callback(self.timesteps[i], x_t, x0)  # noqa: E731
+            def wrapped(i: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
+                raw = (x_t - (1.0 - self.abar[i]) ** 0.5 * net.last_eps) / self.abar[i] ** 0.5
+                callback(self.timesteps[i], x_t, raw)
         return ancestral_sample(net, self.schedule, (count, 3, SIDE, SIDE), variance=self.variance,
                                 generator=seed_generator, device=self.device,
                                 noise_fn=sampling_noise_fn(self.mode, self.dip_noise, seed_generator),
@@ -431,7 +467,8 @@ def save_grids(path, grids: dict[int, np.ndarray], settings: dict) -> None:
     buffer = io.BytesIO()
     epochs = sorted(grids)
     arrays = [np.round(grids[e] * 255).astype(np.uint8) for e in epochs]
-    np.savez(buffer, epochs=np.asarray(epochs, dtype=np.int64), settings=np.asarray(json.dumps(settings, sort_keys=True)),
+    np.savez(buffer, epochs=np.asarray(epochs, dtype=np.int64),
+             settings=np.asarray(json.dumps(settings, sort_keys=True)),
              grids=np.stack(arrays) if arrays else np.zeros((0, 1, 1, 3), np.uint8))
     write_bytes_atomic(path, buffer.getvalue())
 
@@ -453,6 +490,7 @@ def load_grids(path, settings: dict) -> dict[int, np.ndarray]:
 
 def run(ctx) -> dict:
     started = time.perf_counter()
+    ctx = dataclasses.replace(ctx, cfg=effective_config(ctx.cfg))
     cfg, device = ctx.cfg, ctx.device
     m = cfg.method
     mode = str(m.dip_mode)
@@ -463,16 +501,16 @@ def run(ctx) -> dict:
     data_identity = cifar.identity(cfg.data)
     metrics: dict = {"num_timesteps": p["num_timesteps"], "train_images": len(train_set),
                      "train_iterations": p["train_iterations"], "epochs": p["epochs"], "chain_steps": p["chain_steps"],
-                     "num_samples": p["num_samples"], "dip_steps": p["dip_steps"]}
+                     "num_samples": p["num_samples"], "dip_steps": p["dip_steps"],
+                     "train_lr": p["lr"]}
     out = ctx.run_dir
 
     dip_noise, dip_key = None, None
     if mode != "none":
         dip_noise, dip_key = _dip_noise(ctx, train_set, data_identity, p["dip_steps"], metrics)
 
-    effective = eps_backbone(cfg)
     holder: dict = {}
-    base_build = common.build_seeded(effective, 3, 3, int(m.train.seed), device)
+    base_build = common.build_seeded(cfg.backbone, 3, 3, int(m.train.seed), device)
 
     def build():
         holder["model"] = base_build()
@@ -490,7 +528,7 @@ def run(ctx) -> dict:
 
     noise_generator = common.seeded_generator(device, int(m.train.seed), offset=3)
     forward_noise, loss_target = training_hooks(mode, dip_noise, noise_generator, on_iteration)
-    identity = {"backbone": common.plain(effective), "data": data_identity, "dip_mode": mode, "dip": dip_key,
+    identity = {"data": data_identity, "dip_mode": mode, "dip": dip_key,
                 "noise": common.plain(m.noise) if mode != "none" else None, "noise_stream": "ddpm_dataset/1"}
     grid_settings = {"iterations": p["grid_iterations"], "samples": grid_count, "seed": ctx.seed,
                      "sample": common.plain(m.sample), "chain_steps": p["chain_steps"]}

@@ -75,6 +75,7 @@ def validate(cfg) -> None:
     replicas = m.get("replicas", 1)
     require(isinstance(replicas, int) and not isinstance(replicas, bool) and replicas >= 1,
             "method.replicas", replicas, "an integer >= 1")
+    require_choice("method.replica_mode", m.get("replica_mode", "auto"), ("auto", "vmap", "loop"))
     for key in ("compile", "channels_last"):
         require_choice(f"method.{key}", m.get(key, False), ("auto", True, False))
     require(m.get("channels_last", False) is not True or replicas == 1, "method.channels_last", True,
@@ -294,7 +295,8 @@ def run(ctx) -> dict:
         seed_everything(seed)
         prepared.append(_prepare(cfg, dataclasses.replace(ctx, seed=seed), plan, images, clean))
     nets, stage_lists, early_stops, generators = (list(column) for column in zip(*prepared))
-    results = fit_dip_replicas(nets, stage_lists, settings, early_stops, clean=clean, generators=generators)
+    results = fit_dip_replicas(nets, stage_lists, settings, early_stops, clean=clean, generators=generators,
+                               mode=str(m.get("replica_mode", "auto")))
     save_image_atomic(out / "clean.png", obs.clean)
     save_image_atomic(out / "noisy.png", obs.noisy)
     items = []

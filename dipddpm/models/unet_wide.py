@@ -9,7 +9,8 @@ self-attention when the level's side is in ``attention_resolutions``) and a stri
 per level (deepest first) ``num_res_blocks + 1`` residual blocks on the concatenation
 with the stored down features, attention as above, and nearest x2 upsampling + 3x3 conv
 (not after level 0). Attention levels are fixed at build time from ``image_size``: level
-``i`` has attention when ``image_size / 2**i`` is in ``attention_resolutions``. Output: GroupNorm, SiLU, 3x3 conv to ``out_channels``.
+``i`` has attention when ``image_size / 2**i`` is in ``attention_resolutions``.
+Output: GroupNorm, SiLU, 3x3 conv to ``out_channels``.
 
 Residual block: GroupNorm, SiLU, conv3x3, + Linear(SiLU(temb)) per channel, GroupNorm,
 SiLU, dropout, conv3x3, added to the input (1x1 conv when the width changes).
@@ -101,6 +102,8 @@ class SelfAttention(nn.Module):
 
 
 class Downsample(nn.Module):
+    """Stride-2 conv3x3: (B, C, H, W) -> (B, C, H/2, W/2)."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
@@ -110,6 +113,8 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    """Nearest x2, then conv3x3: (B, C, H, W) -> (B, C, 2H, 2W)."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
