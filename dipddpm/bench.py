@@ -533,7 +533,7 @@ def parse_args(argv) -> Options:
     parser = argparse.ArgumentParser(prog="dipddpm-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbones", type=_name_list, help="backbone presets (conf/backbone names), e.g. skip,cnn")
     parser.add_argument("--sizes", type=_int_list, help="image sides, e.g. 128,256")
-    parser.add_argument("--steps", type=int, help="training steps per timed call (default 10, quick 3)")
+    parser.add_argument("--steps", type=int, help="training steps per timed call (default 8, quick 3)")
     parser.add_argument("--repeats", type=int, help="interleaved rounds; medians are reported (default 3, quick 2)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--out", default="outputs/bench", help="folder for bench.csv")
@@ -556,7 +556,7 @@ def parse_args(argv) -> Options:
     quick = args.quick
     return Options(
         cases=cases,
-        steps=args.steps or (3 if quick else 10),
+        steps=args.steps or (3 if quick else 8),
         repeats=args.repeats or (2 if quick else 3),
         device=device,
         out=Path(args.out),

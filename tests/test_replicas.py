@@ -193,3 +193,19 @@ def test_execution_options_resolve_auto_per_device():
     assert on_cuda["compile"] and on_cuda["channels_last"]
     replicated = dip_method.execution_options(composed(*TINY, "method.replicas=3"), "cuda")
     assert not replicated["channels_last"]
+
+
+def test_fit_dip_times_its_evaluation_points():
+    clean, noisy = images()
+    net, stages, generator = replica(0, noisy)
+    result = fit_dip(net, [Stage(0, 7, stages[0].net_input, noisy)], DipSettings(eval_every=3), clean=clean,
+                     generator=generator)
+    assert result.evaluations == len(result.curve) == 3  # steps 0, 3 and the last, 6
+    assert 0 < result.eval_seconds < result.seconds
+
+
+def test_fit_dip_keeps_its_defaults_for_existing_callers():
+    settings = DipSettings()
+    assert settings.fused_adam and settings.keep_cpu_memory
+    assert not (settings.compile or settings.channels_last or settings.cudnn_benchmark)
+    assert settings.autocast is None
