@@ -159,6 +159,14 @@ def prepare_backends(device: torch.device, settings: DipSettings) -> None:
         keep_freed_cpu_memory()
 
 
+def backward_rows(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each row of ``output`` (K, ...) against ``target`` (1 or K, ...);
+    backpropagates their sum (each run gets its own gradient) and returns them detached."""
+    losses = (output.float() - target).square().flatten(1).mean(1)
+    losses.sum().backward()
+    return losses.detach()
+
+
 class SingleRun:
     """One network and its optimiser: the K = 1 trainee of :func:`run_loop`."""
 
@@ -175,6 +183,12 @@ class SingleRun:
         if self.settings.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         return self.call(inputs)
+
+    def train_step(self, inputs: torch.Tensor, target: torch.Tensor, active: list[bool]):
+        """Forward and backward: returns (output, per-row losses), both detached."""
+        with autocast_context(inputs.device, self.settings.autocast):
+            output = self.forward(inputs, active)
+        return output.detach(), backward_rows(output, target)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -284,15 +298,12 @@ def run_loop(runs, stages: list[Stage], settings: DipSettings, early_stops: list
                     net_input = torch.add(net_input, _jitter(net_input.shape, generators, active, device),
                                           alpha=settings.reg_noise_std)
                 runs.zero_grad()
-                with autocast_context(device, settings.autocast):
-                    output = runs.forward(net_input, active)
-                losses = (output.float() - target).square().flatten(1).mean(1)
-                losses.sum().backward()
+                output, losses = runs.train_step(net_input, target, active)
                 runs.step(active)
                 with torch.no_grad():
                     bad = ~torch.isfinite(losses) & training & (first_bad < 0)
                     first_bad = torch.where(bad, step, first_bad)
-                    shown = output.detach().float()
+                    shown = output.float()
                     if settings.ema > 0:
                         average = shown.clone() if average is None else average.lerp_(shown, 1 - settings.ema)
                         shown = average

@@ -25,7 +25,8 @@ import copy
 import torch
 from torch.func import functional_call, vmap
 
-from dipddpm.dip import DipResult, DipSettings, Stage, fit_dip, make_optimizer, run_loop
+from dipddpm.dip import (DipResult, DipSettings, Stage, autocast_context, backward_rows, fit_dip, make_optimizer,
+                         run_loop)
 from dipddpm.early_stop import NoStop
 
 MODES = ("auto", "vmap", "loop")
@@ -80,6 +81,28 @@ class ReplicaRuns:
         outputs = [call(inputs[k:k + 1]) if on else None for k, (call, on) in enumerate(zip(self.calls, active))]
         reference = next(out for out in outputs if out is not None)
         return torch.cat([torch.zeros_like(reference) if out is None else out for out in outputs])
+
+    def train_step(self, inputs: torch.Tensor, target: torch.Tensor, active: list[bool]):
+        """Forward and backward of the K runs: (outputs, per-run losses), detached.
+
+        In loop mode each network's backward pass follows its own forward pass, so one
+        network's activations are alive at a time; a stopped run contributes zeros.
+        """
+        if self.mode == "vmap":
+            with autocast_context(inputs.device, self.settings.autocast):
+                output = self.forward(inputs, active)
+            return output.detach(), backward_rows(output, target)
+        outputs, losses = [None] * self.count, [None] * self.count
+        for k, (call, on) in enumerate(zip(self.calls, active)):
+            if on:
+                with autocast_context(inputs.device, self.settings.autocast):
+                    output = call(inputs[k:k + 1])
+                losses[k] = backward_rows(output, target if target.shape[0] == 1 else target[k:k + 1])
+                outputs[k] = output.detach()
+        reference = next(out for out in outputs if out is not None)
+        outputs = [torch.zeros_like(reference) if out is None else out for out in outputs]
+        losses = [torch.zeros(1, device=inputs.device) if loss is None else loss for loss in losses]
+        return torch.cat(outputs), torch.cat(losses)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -312,4 +312,4 @@ def test_smoke_sweep_writes_three_runs(tmp_path):
         expected_t = 1000 if result["config"]["method.dip_mode"] == "none" else 800
         assert result["config"]["scheduler.num_timesteps"] == expected_t
     table = (sweep / "table.md").read_text()
-    assert "pure DDPM" in table and "idea 1" in table and "idea 2" in table
+    assert "pure DDPM" in table and "idea 1" in table and "idea 2" in table and "about 0.745" in table
