@@ -35,6 +35,13 @@ sweep.register_resolvers()
 OUTCOME = {"exit_code": 0}
 
 
+def _table_spec(cfg: DictConfig) -> dict:
+    """The experiment's table spec; report numbers under `table.report` win over top-level `report`."""
+    spec = OmegaConf.to_container(cfg.table, resolve=True)
+    spec.setdefault("report", OmegaConf.to_container(cfg.report, resolve=True))
+    return spec
+
+
 def _result_header(cfg: DictConfig, hydra_cfg) -> dict:
     choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/") and v is not None}
     overrides = sweep.overrides_dict(hydra_cfg.overrides.task)
@@ -46,7 +53,7 @@ def _result_header(cfg: DictConfig, hydra_cfg) -> dict:
         "choices": choices,
         "config": sweep.flat_config(cfg),
         "config_hash": sweep.config_hash(cfg),
-        "table": OmegaConf.to_container(cfg.table, resolve=True) | {"report": OmegaConf.to_container(cfg.report, resolve=True)},
+        "table": _table_spec(cfg),
     }
 
 
