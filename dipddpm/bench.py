@@ -164,11 +164,14 @@ def case_tensors(size: int, device) -> tuple:
 
 
 def _plain_worker(connection, backbone: str, size: int, threads: int, device: str) -> None:
-    """Serve plain_steps timings: receive a step count, send seconds per step; None ends."""
+    """Serve plain_steps timings: say "ready" once set up (so that its start-up does not
+    overlap any timing), then receive a step count, send seconds per step; None ends."""
     torch.set_num_threads(threads)
     device = torch.device(device)
     _, target, code = case_tensors(size, device)
     net = plain_net_for(backbone_config(backbone), CODE_CHANNELS, OUT_CHANNELS).to(device)
+    plain_steps(net, code, target, 1, device)
+    connection.send("ready")
     while (steps := connection.recv()) is not None:
         connection.send(plain_steps(net, code, target, steps, device) / steps)
 
@@ -183,6 +186,7 @@ class PlainWorker:
         self.process = context.Process(target=_plain_worker, daemon=True,
                                        args=(child, backbone, size, torch.get_num_threads(), str(device)))
         self.process.start()
+        self.connection.recv()
 
     def seconds_per_step(self, steps: int) -> float:
         self.connection.send(steps)
@@ -237,7 +241,7 @@ class DipCase:
         self.plain = None
         if plain_net_for(self.cfg, CODE_CHANNELS, OUT_CHANNELS) is not None:
             self.plain = PlainWorker(name, size, device)
-        self.settings = DipSettings(**DIP_DEFAULTS, eval_every=options.eval_every)
+        self.settings = DipSettings(**DIP_DEFAULTS, eval_every=options.eval_every, cudnn_benchmark=True)
         self.variant_nets: dict[str, nn.Module] = {}
         self.eval_costs: list[tuple[float, float]] = []
 
@@ -315,7 +319,7 @@ def measure_rounds(jobs: dict, steps: int, repeats: int) -> dict:
     """jobs: name -> callable(steps) returning seconds per step. One warm-up call of each,
     then ``repeats`` rounds in which every job runs once; returns name -> list of timings."""
     for job in jobs.values():
-        job(2)
+        job(3)
     timings = {name: [] for name in jobs}
     for _ in range(repeats):
         for name, job in jobs.items():

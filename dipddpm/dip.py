@@ -143,7 +143,7 @@ def keep_freed_cpu_memory() -> bool:
         try:
             libc = ctypes.CDLL("libc.so.6")
             m_trim_threshold, m_mmap_threshold = -1, -3
-            done = bool(libc.mallopt(m_mmap_threshold, KEPT_BYTES)) and bool(libc.mallopt(m_trim_threshold, KEPT_BYTES))
+            done = all(libc.mallopt(option, KEPT_BYTES) == 1 for option in (m_mmap_threshold, m_trim_threshold))
         except (OSError, AttributeError):
             done = False
     _MALLOC_TUNED.append(done)
