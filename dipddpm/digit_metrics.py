@@ -94,9 +94,9 @@ def train_digit_classifier(
 
 
 @torch.no_grad()
-def classifier_accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor,
+def classifier_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                         batch_size: int = 512) -> float:
-    """Fraction of images (N, 1, 28, 28) in [0, 1] classified as their label."""
+    """Fraction of images (N, C, H, W) in [0, 1] that ``model`` (logits per class) labels right."""
     device = next(model.parameters()).device
     correct = 0
     for begin in range(0, len(images), batch_size):

@@ -18,7 +18,7 @@ from torch import nn
 
 from dipddpm.data.cifar import ImageSet
 from dipddpm.diffusion.checkpoints import load_or_train_with_info
-from dipddpm.digit_metrics import frechet_distance
+from dipddpm.digit_metrics import classifier_accuracy, frechet_distance
 
 FEATURE_DIM = 32
 ENCODER_VERSION = 1
@@ -69,17 +69,6 @@ def train_encoder(model: PatchEncoder, images: torch.Tensor, labels: torch.Tenso
     return model.eval()
 
 
-@torch.no_grad()
-def accuracy(model: PatchEncoder, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
-    """Fraction of images (N, 3, 32, 32) classified as their label."""
-    device = next(model.parameters()).device
-    correct = 0
-    for begin in range(0, len(images), batch_size):
-        logits = model(images[begin : begin + batch_size].to(device))
-        correct += int((logits.argmax(1).cpu() == labels[begin : begin + batch_size]).sum())
-    return correct / max(len(images), 1)
-
-
 def get_encoder(cache_dir, train: ImageSet, test: ImageSet, data_identity: dict, *, device="cpu",
                 epochs: int = 6, seed: int = 0) -> PatchEncoder:
     """The encoder for ``train`` (an ImageSet), trained once and cached under ``cache_dir``
@@ -96,7 +85,7 @@ def get_encoder(cache_dir, train: ImageSet, test: ImageSet, data_identity: dict,
     def fit(model: PatchEncoder):
         started = time.perf_counter()
         train_encoder(model, train.images, train.labels, epochs=epochs, seed=seed)
-        return model, {"heldout_accuracy": accuracy(model, test.images, test.labels),
+        return model, {"heldout_accuracy": classifier_accuracy(model, test.images, test.labels),
                        "train_seconds": time.perf_counter() - started, "train_images": len(train)}
 
     model, _, info = load_or_train_with_info(cache_dir, key, build, fit)

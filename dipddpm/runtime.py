@@ -58,8 +58,3 @@ class RunContext:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(int(self.seed) * 1000003 + offset)
         return generator
-
-    def scaled_steps(self, steps: int) -> int:
-        """Apply the profile's step_scale, keeping at least min_steps (and at least 1)."""
-        scale = float(self.profile.get("step_scale", 1.0))
-        return max(int(self.profile.get("min_steps", 1)), 1, int(round(steps * scale)))

@@ -8,6 +8,7 @@ its sweep; the exit status of a sweep is the number of jobs that failed.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import logging
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dipddpm import sweep
 from dipddpm.errors import ConfigError, DivergedError
@@ -57,6 +58,19 @@ def _result_header(cfg: DictConfig, hydra_cfg) -> dict:
     }
 
 
+def _with_profile_backbone(cfg: DictConfig) -> DictConfig:
+    """cfg with the backbone's ``at_profile`` preset for this profile applied (see
+    models.backbone_for_profile); cfg itself when the backbone has none."""
+    from dipddpm.models import backbone_for_profile
+
+    if cfg.get("backbone") is None or cfg.backbone.get("at_profile") is None:
+        return cfg
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.backbone = backbone_for_profile(cfg.backbone, cfg.profile.get("name"))
+    return out
+
+
 def run_job(cfg: DictConfig) -> str:
     """Run one job in Hydra's output folder; return its status."""
     from dipddpm.methods import get_method
@@ -79,6 +93,7 @@ def run_job(cfg: DictConfig) -> str:
     try:
         try:
             method = get_method(cfg.method.name)
+            cfg = _with_profile_backbone(cfg)
             apply_threads(cfg.threads)
             device = resolve_device(cfg.device)
             method.validate(cfg)

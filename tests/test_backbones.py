@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from dipddpm.errors import ConfigError
-from dipddpm.models import build_backbone, check_size, size_requirement
+from dipddpm.models import backbone_for_profile, build_backbone, check_size, size_requirement
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 
@@ -257,6 +257,22 @@ def test_size_requirements():
     check_size(load("skip_mnist"), 32)
     with pytest.raises(ConfigError, match="data.size"):
         check_size(load("unet"), 96)
+
+
+def test_smoke_presets_narrow_the_r2_nets_and_leave_other_profiles_alone():
+    for name, faithful_rule in (("unet", (64, 128)), ("segnet", (32, 64))):
+        cfg = load(name)
+        for profile in ("faithful", "quick", None):
+            kept = backbone_for_profile(cfg, profile)
+            assert "at_profile" not in kept and size_requirement(kept) == faithful_rule
+        smoke = backbone_for_profile(cfg, "smoke")
+        assert "at_profile" not in smoke and size_requirement(smoke) == (8, 16)
+        net = build_backbone(smoke, 3, 3)
+        assert net(torch.rand(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+    assert backbone_for_profile(load("segnet"), "smoke").blocks == [[8], [8], [16]]
+    assert backbone_for_profile(load("unet"), "smoke").channels == [8, 16, 16]
+    with pytest.raises(ConfigError, match="backbone.at_profile.smoke"):
+        backbone_for_profile(load("segnet", at_profile={"smoke": {"width": 3}}), "smoke")
 
 
 @pytest.mark.parametrize(

@@ -25,13 +25,6 @@ EXPERIMENTS = sorted(
     for p in (CONF / "experiment" / folder).glob("*.yaml")
 )
 SMOKE = ["profile=smoke", "seeds=1", "threads=1"]
-# At smoke size the code raises SegNet to its minimum side 64 and the UNet to 128, where the
-# full VGG16-width SegNet takes about a second per step on a shared 2-core CPU. The test narrows
-# both nets (same sweep, same code paths); the profile itself keeps the reports' nets.
-NARROW_NETS = {
-    "guided/backbone_scheduler": ["++backbone.blocks=[[8],[8],[16]]", "++backbone.channels=[8,16,16]",
-                                  "++backbone.skip_channels=[0,4]"],
-}
 R2_COSINE = [49, 54, 58, 63, 68, 73, 79, 84, 89, 94, 100, 106, 112, 118, 124, 130, 137, 144, 151, 167]
 R2_LINEAR = [25, 28, 32, 36, 40, 46, 52, 58, 66, 74, 84, 95, 107, 120, 136, 154, 174, 196, 220, 257]
 R2_TIMESTEPS = [500, 475, 451, 427, 403, 378, 354, 330, 306, 282, 257, 233, 209, 185, 161, 136, 112, 88, 64, 40]
@@ -67,7 +60,7 @@ def _metric(metrics: dict, name: str):
 def runs(tmp_path_factory):
     """Every experiment's smoke sweep and the two faithful dry runs, two processes at a time."""
     root = tmp_path_factory.mktemp("experiments")
-    jobs = {name: ["-m", f"experiment={name}", *SMOKE, *NARROW_NETS.get(name, []), f"output_root={root / 'smoke'}"]
+    jobs = {name: ["-m", f"experiment={name}", *SMOKE, f"output_root={root / 'smoke'}"]
             for name in EXPERIMENTS}
     for schedule in ("linear", "cosine"):
         jobs[f"dry:{schedule}"] = ["experiment=guided/backbone_scheduler", f"curriculum=r2_guided_{schedule}",
@@ -144,3 +137,5 @@ def test_guided_table_rows_come_out_as_in_the_report(runs):
         ("Guided-DIP", "SegNet", "linear"), ("Guided-DIP", "SegNet", "cosine"),
     ]
     assert "| 21.29 |" in markdown and "| 1491 |" in markdown
+    results = [json.loads(p.read_text()) for p in (root / "smoke" / "sweeps" / "guided").rglob("result.json")]
+    assert {r["metrics"]["image_size"] for r in results} == {32}  # the smoke presets of unet.yaml and segnet.yaml

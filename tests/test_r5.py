@@ -15,7 +15,7 @@ from dipddpm.data import cifar
 from dipddpm.diffusion import ancestral_sample, train_eps
 from dipddpm.errors import ConfigError
 from dipddpm.methods import ddpm_dataset
-from dipddpm.models import build_backbone, size_requirement, unet_wide
+from dipddpm.models import backbone_for_profile, build_backbone, size_requirement, unet_wide
 from dipddpm.schedulers import linear_schedule
 from dipddpm.sweep import config_dir
 
@@ -55,11 +55,11 @@ def test_unet_wide_config_defaults_groups_and_profiles():
     assert unet_wide.group_count(128, 32) == 32 and unet_wide.group_count(256, 32) == 32
     assert unet_wide.group_count(8, 32) == 2 and unet_wide.group_count(48, 32) == 12
     assert unet_wide.group_count(3, 32) == 1 and unet_wide.group_count(64, 4) == 4
-    quick = unet_wide.for_profile(cfg, "quick")
+    quick = backbone_for_profile(cfg, "quick")
     assert quick.base_channels == 16 and "at_profile" not in quick
-    assert unet_wide.for_profile(cfg, "faithful").base_channels == 128
+    assert backbone_for_profile(cfg, "faithful").base_channels == 128
     with pytest.raises(ConfigError):
-        unet_wide.for_profile(OmegaConf.merge(cfg, {"at_profile": {"quick": {"width": 3}}}), "quick")
+        backbone_for_profile(OmegaConf.merge(cfg, {"at_profile": {"quick": {"width": 3}}}), "quick")
     for key, value in (("attention_heads", 3), ("dropout", 1.0), ("channel_mults", []), ("num_res_blocks", 0)):
         with pytest.raises(ConfigError) as error:
             unet_wide.build(OmegaConf.create({**TINY_UNET, key: value}), 3, 3)

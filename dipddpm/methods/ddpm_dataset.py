@@ -59,7 +59,7 @@ from dipddpm.io import save_figure_atomic, save_image_atomic, write_bytes_atomic
 from dipddpm.methods import diffusion_common as common
 from dipddpm.metrics import psnr
 from dipddpm.models import check_size
-from dipddpm.models.unet_wide import for_profile
+from dipddpm.models import backbone_for_profile
 from dipddpm.schedulers import NoiseSchedule
 
 log = logging.getLogger("dipddpm")
@@ -78,7 +78,7 @@ CACHE_VERSION = 1
 
 def effective_config(cfg):
     """A copy of ``cfg`` with the profile's presets applied: ``backbone.at_profile[profile.name]``
-    merged over the backbone (unet_wide.for_profile) and ``method.at_profile[profile.name]``
+    merged over the backbone (models.backbone_for_profile) and ``method.at_profile[profile.name]``
     over the method (e.g. a larger learning rate for the short quick runs). A preset key
     that the group does not have is a ConfigError."""
     name = cfg.profile.get("name")
@@ -95,7 +95,7 @@ def effective_config(cfg):
     OmegaConf.set_struct(merged, False)
     backbone = cfg.backbone
     if backbone.get("at_profile") is not None:
-        backbone = for_profile(backbone, name)
+        backbone = backbone_for_profile(backbone, name)
     out = copy.deepcopy(cfg)
     with open_dict(out):
         out.method = merged

@@ -95,7 +95,7 @@ def schedule_key(cfg_scheduler) -> dict:
 
 
 def profile_steps(profile, steps: int) -> int:
-    """DIP steps under a profile: max(min_steps, 1, round(steps * step_scale)) (as RunContext.scaled_steps)."""
+    """DIP steps under a profile: max(min_steps, 1, round(steps * step_scale))."""
     scale = float(profile.get("step_scale", 1.0))
     return max(int(profile.get("min_steps", 1)), 1, int(round(steps * scale)))
 

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from dipddpm.errors import require
+
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Embed timesteps ``t`` (B,) into a float32 tensor (B, dim); ``dim`` must be even."""
@@ -47,3 +49,15 @@ def batch_timesteps(t, batch: int, device=None) -> torch.Tensor:
     if t.numel() != batch:
         raise ValueError(f"got {t.numel()} timesteps for a batch of {batch}")
     return t
+
+
+def check_three_levels_and_embedding(channels, emb_dim, names: str) -> None:
+    """Shared config check of the three-level eps-nets: ``backbone.channels`` is three
+    positive integers (``names`` says which, e.g. "[c1, c2, c3]") and
+    ``backbone.emb_dim`` a positive even integer. Raises ConfigError naming the key."""
+    require(
+        len(channels) == 3 and all(isinstance(c, int) and c > 0 for c in channels),
+        "backbone.channels", channels, f"three positive integers {names}",
+    )
+    require(isinstance(emb_dim, int) and emb_dim >= 2 and emb_dim % 2 == 0,
+            "backbone.emb_dim", emb_dim, "a positive even integer")

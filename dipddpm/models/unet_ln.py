@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dipddpm.errors import ConfigError, require
-from dipddpm.models.embeddings import SinusoidalEmbedding, batch_timesteps
+from dipddpm.models.embeddings import SinusoidalEmbedding, batch_timesteps, check_three_levels_and_embedding
 
 DEFAULTS = {"channels": [10, 20, 40], "emb_dim": 100, "image_size": 28}
 
@@ -114,14 +114,8 @@ class UNetLN(nn.Module):
 
 
 def _validated(cfg):
-    channels = list(_get(cfg, "channels"))
-    require(
-        len(channels) == 3 and all(isinstance(c, int) and c > 0 for c in channels),
-        "backbone.channels", channels, "three positive integers [c1, c2, c3]",
-    )
-    emb_dim = _get(cfg, "emb_dim")
-    require(isinstance(emb_dim, int) and emb_dim >= 2 and emb_dim % 2 == 0,
-            "backbone.emb_dim", emb_dim, "a positive even integer")
+    channels, emb_dim = list(_get(cfg, "channels")), _get(cfg, "emb_dim")
+    check_three_levels_and_embedding(channels, emb_dim, "[c1, c2, c3]")
     size = _get(cfg, "image_size")
     require(isinstance(size, int) and size >= 4 and size % 4 == 0,
             "backbone.image_size", size, "a multiple of 4, at least 4 (the data side, 28 for MNIST)")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dipddpm.errors import require, require_choice
-from dipddpm.models.embeddings import SinusoidalEmbedding, batch_timesteps
+from dipddpm.models.embeddings import SinusoidalEmbedding, batch_timesteps, check_three_levels_and_embedding
 
 DEFAULTS = {
     "channels": [64, 128, 128],
@@ -128,14 +128,8 @@ class UNetRes(nn.Module):
 
 
 def _validated(cfg):
-    channels = list(_get(cfg, "channels"))
-    require(
-        len(channels) == 3 and all(isinstance(c, int) and c > 0 for c in channels),
-        "backbone.channels", channels, "three positive integers [c0, c1, c2]",
-    )
-    emb_dim = _get(cfg, "emb_dim")
-    require(isinstance(emb_dim, int) and emb_dim >= 2 and emb_dim % 2 == 0,
-            "backbone.emb_dim", emb_dim, "a positive even integer")
+    channels, emb_dim = list(_get(cfg, "channels")), _get(cfg, "emb_dim")
+    check_three_levels_and_embedding(channels, emb_dim, "[c0, c1, c2]")
     attention = _get(cfg, "attention")
     require(isinstance(attention, bool), "backbone.attention", attention, "true or false")
     heads, head_dim = _get(cfg, "attention_heads"), _get(cfg, "attention_head_dim")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
 from dipddpm.errors import ConfigError, require
@@ -245,17 +244,6 @@ def settings(cfg) -> dict:
     require(not bad, "backbone.attention_heads", out["attention_heads"],
             f"a divisor of every level width ({sorted(widths)})")
     return out
-
-
-def for_profile(cfg, profile_name: str | None):
-    """``cfg`` with ``cfg.at_profile[profile_name]`` merged over it (the profile's smaller net), without at_profile."""
-    plain = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True) if not isinstance(cfg, dict) else dict(cfg)
-    presets = plain.pop("at_profile", None) or {}
-    require(isinstance(presets, dict), "backbone.at_profile", presets, "a mapping from profile name to backbone keys")
-    preset = presets.get(profile_name) or {}
-    unknown = sorted(set(preset) - set(DEFAULTS))
-    require(not unknown, f"backbone.at_profile.{profile_name}", unknown, "keys of " + ", ".join(DEFAULTS))
-    return OmegaConf.create({**plain, **preset})
 
 
 def build(cfg, in_channels: int, out_channels: int) -> UNetWide:
