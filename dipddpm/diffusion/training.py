@@ -16,9 +16,9 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from dipddpm.errors import DivergedError, require, require_choice
+from dipddpm.progress import progress_bar
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -146,8 +146,8 @@ def train_eps(
 
     _synchronize(device)
     start = time.perf_counter()
-    bar = tqdm(range(total), disable=not progress, desc="train eps", leave=False)
-    for step in bar:
+    bar = progress_bar(total, "train eps", progress)
+    for step in range(total):
         if order.numel() == 0:
             order = torch.randperm(n, generator=generator, device=gen_device).to(device)
         index, order = order[:batch_size], order[batch_size:]
@@ -176,8 +176,10 @@ def train_eps(
         pending.append(loss.detach())
         if len(pending) >= check_every or step == total - 1:
             flush(step + 1 - len(pending))
+            bar.update(step + 1 - bar.n)
             if progress:
                 bar.set_postfix(loss=f"{losses[-1]:.4g}")
+    bar.close()
     _synchronize(device)
     seconds = time.perf_counter() - start
     return TrainResult(model=model, ema_model=ema_model, losses=losses, seconds=seconds)
