@@ -13,31 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
-from hydra import compose, initialize_config_dir
+from conftest import composed, run_method
 from PIL import Image
 
 from dipddpm.compare import build_table, compare_paths, gather
 from dipddpm.errors import ConfigError
 from dipddpm.methods import classical, dip
-from dipddpm.runtime import RunContext
 from dipddpm.sweep import config_dir, config_hash
 
 TINY = ["backbone=cnn", "backbone.depth=3", "data.size=32", "data.sigma=0.1", "profile=smoke"]
 TRAIN = shutil.which("dipddpm-train") or str(Path(sys.executable).parent / "dipddpm-train")
-
-
-def composed(*overrides):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
-
-
-def run_method(module, cfg, run_dir):
-    run_dir.mkdir(parents=True, exist_ok=True)
-    module.validate(cfg)
-    ctx = RunContext(cfg=cfg, run_dir=run_dir, device=torch.device("cpu"), seed=0, progress=False, cache_dir=run_dir)
-    return module.run(ctx)
 
 
 def png(path) -> np.ndarray:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import composed
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -184,11 +184,6 @@ def test_sample_grid_layout():
     grid = common.sample_grid(images, columns=2, pad=1)
     assert grid.shape == (3 * 4 + 1, 2 * 3 + 1, 1)
     assert grid[1, 1, 0] == 0.0 and grid[1 + 4, 1, 0] == 0.5 and grid[1 + 8, 1 + 3, 0] == 1.0
-
-
-def composed(*overrides):
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 @pytest.mark.parametrize("module,overrides,key", [

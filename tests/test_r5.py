@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import composed
 from omegaconf import OmegaConf, open_dict
 from torch import nn
 
@@ -23,11 +23,6 @@ CONF = config_dir()
 TINY_UNET = {"name": "unet_wide", "base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1,
              "attention_resolutions": [16], "dropout": 0.0}
 TINY_SKIP = {"name": "skip", "num_channels_down": [4, 4], "num_channels_up": [4, 4], "num_channels_skip": [0, 2]}
-
-
-def composed(*overrides):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 # ---------------------------------------------------------------- unet_wide

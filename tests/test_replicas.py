@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import composed, run_method
 from omegaconf import OmegaConf
 
 from dipddpm.dip import DipSettings, Stage, fit_dip
@@ -16,8 +16,6 @@ from dipddpm.errors import ConfigError
 from dipddpm.methods import dip as dip_method
 from dipddpm.models import build_backbone
 from dipddpm.replicas import ReplicaRuns, fit_dip_replicas, replica_seeds, resolve_mode
-from dipddpm.runtime import RunContext, seed_everything
-from dipddpm.sweep import config_dir
 
 SIDE, CODE = 16, 4
 TINY_SKIP = OmegaConf.create({"name": "skip", "num_channels_down": [4, 8], "num_channels_up": [4, 8],
@@ -143,26 +141,12 @@ TINY = ["backbone=skip_mnist", "data.size=16", "data.sigma=0.1", "profile=smoke"
         "method.code_channels=4", "eval_every=1"]
 
 
-def composed(*overrides):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
-
-
-def run_method(cfg, run_dir, seed):
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dip_method.validate(cfg)
-    seed_everything(seed)
-    ctx = RunContext(cfg=cfg, run_dir=run_dir, device=torch.device("cpu"), seed=seed, progress=False,
-                     cache_dir=run_dir)
-    return dip_method.run(ctx)
-
-
 def test_method_writes_one_item_per_replica_equal_to_separate_runs(tmp_path):
-    together = run_method(composed(*TINY, "method.replicas=2"), tmp_path / "together", seed=4)
+    together = run_method(dip_method, composed(*TINY, "method.replicas=2"), tmp_path / "together", seed=4)
     assert together["replicas"] == 2 and together["replica_seeds"] == [4, 5]
     assert [item["seed"] for item in together["items"]] == [4, 5]
     for k, seed in enumerate((4, 5)):
-        alone = run_method(composed(*TINY, f"seed={seed}"), tmp_path / f"alone{seed}", seed=seed)
+        alone = run_method(dip_method, composed(*TINY, f"seed={seed}"), tmp_path / f"alone{seed}", seed=seed)
         item = together["items"][k]
         assert item["replica"] == k
         assert item["psnr_final"] == pytest.approx(alone["psnr_final"], abs=1e-6)
