@@ -34,11 +34,13 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from dipddpm.diffusion import ancestral_sample
 from dipddpm.dip import DipSettings, Stage, fit_dip
 from dipddpm.errors import ConfigError
-from dipddpm.models import FAMILIES, build_backbone, size_requirement
+from dipddpm.models import build_backbone, size_requirement
 from dipddpm.replicas import fit_dip_replicas, resolve_mode
 from dipddpm.runtime import resolve_device
+from dipddpm.schedulers import linear_schedule
 from dipddpm.sweep import config_dir
 
 COLUMNS = (
@@ -361,8 +363,9 @@ def _row(section, backbone="", size="", variant="", batch=1, steps="", seconds=N
     return row
 
 
-def bench_dip(options: Options, ceiling_jobs: dict) -> tuple[list[dict], list[float]]:
-    """Training rows (dip, eval, replicas) and the ceiling timings measured between them."""
+def bench_dip(options: Options) -> list[dict]:
+    """The ceiling row (matmul timed between the training rounds), then the training rows
+    (dip, eval, replicas)."""
     cases, seen_families = [], set()
     for name, size in options.cases:
         cfg = backbone_config(name)
@@ -373,7 +376,8 @@ def bench_dip(options: Options, ceiling_jobs: dict) -> tuple[list[dict], list[fl
         case = DipCase(name, size, options)
         cases.append((case, case.variants(name not in seen_families)))
         seen_families.add(name)
-    jobs = dict(ceiling_jobs)
+    ceiling_key = ("ceiling", "matmul")
+    jobs = {ceiling_key: lambda steps: matmul_seconds(options.ceiling_size, options.device)}
     for case, variants in cases:
         for variant in variants:
             jobs[(case.name, case.size, variant)] = lambda steps, c=case, v=variant: c.run(v, steps)
@@ -389,9 +393,11 @@ def bench_dip(options: Options, ceiling_jobs: dict) -> tuple[list[dict], list[fl
         for case, _ in cases:
             if case.plain is not None:
                 case.plain.close()
-    ceiling_times = [t for key in ceiling_jobs for t in timings[key]]
-    ceiling = 2 * options.ceiling_size**3 / statistics.median(ceiling_times) / 1e9
-    rows = []
+    matmul_flops = 2 * options.ceiling_size**3
+    matmul = statistics.median(timings[ceiling_key])
+    ceiling = matmul_flops / matmul / 1e9
+    rows = [_row("ceiling", "matmul", options.ceiling_size, "fp32", 1, "", matmul, matmul_flops, ceiling,
+                 note="dense matmul: the practical peak")]
     for case, variants in cases:
         median = {v: statistics.median(timings[(case.name, case.size, v)]) for v in variants}
         for variant in variants:
@@ -419,44 +425,32 @@ def bench_dip(options: Options, ceiling_jobs: dict) -> tuple[list[dict], list[fl
             rows.append(_row("replicas", base.name, base.size, f"{variant} K={replica_case.count}",
                              replica_case.count, options.steps, median[variant], base.flops, ceiling, ratio,
                              f"sequential ms / {variant} ms" if ratio else "", note=note))
-    return rows, ceiling_times
+    return rows
 
 
 def bench_sampling(options: Options, ceiling: float) -> list[dict]:
     """Ancestral sampling ms per step at each batch size for the small eps-nets."""
     rows = []
-    try:
-        from dipddpm.diffusion import ancestral_sample
-        from dipddpm.schedulers import linear_schedule
-    except ImportError as error:
-        return [_row("sampling", note=f"skipped: {error}")]
     schedule = linear_schedule(1000, 1e-4, 0.02)
     for name in SAMPLING_NETS:
-        if name not in FAMILIES or not (config_dir() / "backbone" / f"{name}.yaml").is_file():
-            rows.append(_row("sampling", name, note="skipped: backbone not available"))
-            continue
         cfg = backbone_config(name)
         if "image_size" in cfg:
             cfg.image_size = SAMPLING_SIDE
-        try:
-            torch.manual_seed(0)
-            model = build_backbone(cfg, 1, 1).to(options.device).eval()
-            per_batch = {}
-            for batch in options.sampling_batches:
-                shape = (batch, 1, SAMPLING_SIDE, SAMPLING_SIDE)
-                t = torch.full((batch,), 500, dtype=torch.long, device=options.device)
-                flops = forward_flops(model, torch.zeros(shape, device=options.device), t)
-                generator = torch.Generator(device=options.device).manual_seed(0)
-                ancestral_sample(model, schedule, shape, t_start=1, generator=generator)
-                times = []
-                for _ in range(options.repeats):
-                    result = ancestral_sample(model, schedule, shape, t_start=options.sampling_steps - 1,
-                                              generator=generator)
-                    times.append(result.seconds / result.model_calls)
-                per_batch[batch] = (statistics.median(times), flops)
-        except Exception as error:  # the sampler is shared with work in progress; report, go on
-            rows.append(_row("sampling", name, note=f"skipped: {type(error).__name__}: {error}"))
-            continue
+        torch.manual_seed(0)
+        model = build_backbone(cfg, 1, 1).to(options.device).eval()
+        per_batch = {}
+        for batch in options.sampling_batches:
+            shape = (batch, 1, SAMPLING_SIDE, SAMPLING_SIDE)
+            t = torch.full((batch,), 500, dtype=torch.long, device=options.device)
+            flops = forward_flops(model, torch.zeros(shape, device=options.device), t)
+            generator = torch.Generator(device=options.device).manual_seed(0)
+            ancestral_sample(model, schedule, shape, t_start=1, generator=generator)
+            times = []
+            for _ in range(options.repeats):
+                result = ancestral_sample(model, schedule, shape, t_start=options.sampling_steps - 1,
+                                          generator=generator)
+                times.append(result.seconds / result.model_calls)
+            per_batch[batch] = (statistics.median(times), flops)
         single = per_batch.get(1, (None, None))[0]
         for batch, (seconds, flops) in per_batch.items():
             ratio = single * batch / seconds if single and batch > 1 else None
@@ -468,15 +462,10 @@ def bench_sampling(options: Options, ceiling: float) -> list[dict]:
 
 def run_bench(options: Options) -> list[dict]:
     """All measurements; returns the rows (also written to options.out / bench.csv)."""
-    device = options.device
-    ceiling_jobs = {("ceiling", "matmul"): lambda steps: matmul_seconds(options.ceiling_size, device)}
-    rows, ceiling_times = bench_dip(options, ceiling_jobs)
-    ceiling = 2 * options.ceiling_size**3 / statistics.median(ceiling_times) / 1e9
-    rows.insert(0, _row("ceiling", "matmul", options.ceiling_size, "fp32", 1, "", statistics.median(ceiling_times),
-                        2 * options.ceiling_size**3, ceiling, note="dense matmul: the practical peak"))
-    rows += bench_sampling(options, ceiling)
+    rows = bench_dip(options)
+    rows += bench_sampling(options, rows[0]["ceiling_gflops"])
     rows += [_row("note", note=text) for text in options.notes]
-    env = environment(device)
+    env = environment(options.device)
     for row in rows:
         row.update(env)
     write_csv(options.out / "bench.csv", rows)

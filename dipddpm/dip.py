@@ -179,7 +179,7 @@ class SingleRun:
         self.call = torch.compile(net) if settings.compile else net
         self.optimizer = make_optimizer(net.parameters(), settings)
 
-    def forward(self, inputs: torch.Tensor, active: list[bool]) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.settings.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         return self.call(inputs)
@@ -187,7 +187,7 @@ class SingleRun:
     def train_step(self, inputs: torch.Tensor, target: torch.Tensor, active: list[bool]):
         """Forward and backward: returns (output, per-row losses), both detached."""
         with autocast_context(inputs.device, self.settings.autocast):
-            output = self.forward(inputs, active)
+            output = self.forward(inputs)
         return output.detach(), backward_rows(output, target)
 
     def zero_grad(self) -> None:
@@ -308,12 +308,9 @@ def run_loop(runs, stages: list[Stage], settings: DipSettings, early_stops: list
                         average = shown.clone() if average is None else average.lerp_(shown, 1 - settings.ema)
                         shown = average
                     shown = shown.clamp(0.0, 1.0)
-                    if count == 1:
-                        early_stops[0].observe(step, shown)
-                    else:
-                        for k in range(count):
-                            if active[k]:
-                                early_stops[k].observe(step, shown[k:k + 1])
+                    for k in range(count):
+                        if active[k]:
+                            early_stops[k].observe(step, shown[k:k + 1])
                 looped += 1
                 pending += 1
                 last = step == stage.steps - 1

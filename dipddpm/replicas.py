@@ -72,15 +72,12 @@ class ReplicaRuns:
     def _one(self, params: dict, buffers: dict, net_input: torch.Tensor) -> torch.Tensor:
         return functional_call(self.template, (params, buffers), (net_input,))
 
-    def forward(self, inputs: torch.Tensor, active: list[bool]) -> torch.Tensor:
-        """(K, Cin, H, W), row k for network k -> (K, C, H, W); rows of stopped runs
-        are zeros in loop mode (their networks are not called)."""
-        if self.mode == "vmap":
-            stacked = {name: torch.stack([p[i] for p in self.params]) for i, name in enumerate(self.names)}
-            return self.batched(stacked, self.buffers, inputs.unsqueeze(1)).squeeze(1)
-        outputs = [call(inputs[k:k + 1]) if on else None for k, (call, on) in enumerate(zip(self.calls, active))]
-        reference = next(out for out in outputs if out is not None)
-        return torch.cat([torch.zeros_like(reference) if out is None else out for out in outputs])
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """vmap mode: (K, Cin, H, W), row k for network k -> (K, C, H, W) in one batched
+        call. Stopped runs are computed too; ``step`` skips them and ``hold`` keeps their
+        BatchNorm statistics. (Loop mode calls the networks inside ``train_step``.)"""
+        stacked = {name: torch.stack([p[i] for p in self.params]) for i, name in enumerate(self.names)}
+        return self.batched(stacked, self.buffers, inputs.unsqueeze(1)).squeeze(1)
 
     def train_step(self, inputs: torch.Tensor, target: torch.Tensor, active: list[bool]):
         """Forward and backward of the K runs: (outputs, per-run losses), detached.
@@ -90,7 +87,7 @@ class ReplicaRuns:
         """
         if self.mode == "vmap":
             with autocast_context(inputs.device, self.settings.autocast):
-                output = self.forward(inputs, active)
+                output = self.forward(inputs)
             return output.detach(), backward_rows(output, target)
         outputs, losses = [None] * self.count, [None] * self.count
         for k, (call, on) in enumerate(zip(self.calls, active)):

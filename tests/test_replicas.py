@@ -108,9 +108,9 @@ def test_vmap_keeps_batchnorm_statistics_per_replica():
     inputs[1] *= 5.0
     alone = [copy.deepcopy(net)(inputs[k:k + 1]) for k, net in enumerate(nets)]
     runs = ReplicaRuns(nets, DipSettings(), mode="vmap")
-    together = runs.forward(inputs, [True, True])
+    together = runs.forward(inputs)
     held = runs.hold(1)
-    runs.forward(inputs, [True, False])
+    runs.forward(inputs)
     runs.release(1, held)
     runs.finish()
     for k in range(2):
