@@ -49,17 +49,14 @@ from torch import nn
 from dipddpm import patch_metrics
 from dipddpm.data import cifar
 from dipddpm.data.images import add_gaussian_noise
-from dipddpm.diffusion import ancestral_sample, load_or_train_with_info
-from dipddpm.diffusion.checkpoints import checkpoint_key
+from dipddpm.diffusion import ancestral_sample
 from dipddpm.diffusion.sampling import VARIANCES
 from dipddpm.diffusion.training import LR_SCHEDULES
-from dipddpm.dip import DipSettings, Stage, fit_dip
 from dipddpm.errors import ConfigError, require, require_choice
 from dipddpm.io import save_figure_atomic, save_image_atomic, write_bytes_atomic, write_text_atomic
 from dipddpm.methods import diffusion_common as common
 from dipddpm.metrics import psnr
-from dipddpm.models import check_size
-from dipddpm.models import backbone_for_profile
+from dipddpm.models import backbone_for_profile, check_size
 from dipddpm.schedulers import NoiseSchedule
 
 log = logging.getLogger("dipddpm")
@@ -70,7 +67,6 @@ OUTPUT_MAPS = ("standardize", "symmetric", "raw")
 REFERENCES = ("train_image", "nearest")
 DEFAULT_DIP_STEPS = {"replace_noise": 5, "target": 1000}
 SIDE = cifar.SIDE
-CACHE_VERSION = 1
 
 
 # ---------------------------------------------------------------- configuration
@@ -258,39 +254,6 @@ class DipNoise:
             return self.fresh(1, generator).expand(batch, -1, -1, -1).contiguous()
         index = torch.randint(0, len(self.bank), (batch,), generator=generator, device=generator.device)
         return self.bank[index.to(self.bank.device)]
-
-
-def fit_dip_cached(ctx, identity: dict, build_net, code: torch.Tensor, target: torch.Tensor, steps: int,
-                   clean: torch.Tensor | None = None) -> common.Trained:
-    """Fit the DIP from ``code`` (1, Cin, H, W) to ``target`` (1, 3, H, W) in [0, 1] for exactly
-    ``steps`` steps through fit_dip (Adam method.dip.lr, jitter method.dip.reg_noise_std), or load it.
-
-    Like diffusion_common.fit_dip_cached, but the step count is given (R5's 5 DIP steps
-    stay 5 under a profile whose min_steps is larger). info: loss_final, dip_seconds,
-    steps and psnr_final (the last output against ``clean``, when given).
-    """
-    dip = ctx.cfg.method.dip
-    settings = DipSettings(lr=float(dip.lr), reg_noise_std=float(dip.reg_noise_std), ema=float(dip.ema),
-                           eval_every=max(1, int(steps)), progress=ctx.progress, description="dip",
-                           evaluate_ssim=False)
-    key = {"kind": "dip", "version": CACHE_VERSION, "dip": common.plain(dip), "steps": int(steps),
-           "settings": {"lr": settings.lr, "betas": list(settings.betas), "reg_noise_std": settings.reg_noise_std,
-                        "ema": settings.ema}, **identity}
-
-    def train(net):
-        generator = common.seeded_generator(ctx.device, int(dip.seed), offset=2)
-        result = fit_dip(net, [Stage(index=0, steps=int(steps), net_input=code, target=target)], settings,
-                         clean=clean, generator=generator)
-        info = {"loss_final": result.loss_final, "dip_seconds": result.seconds, "steps": result.steps_run}
-        if clean is not None:
-            info["psnr_final"] = float(psnr(clean.cpu().numpy(), result.final.cpu().numpy()))
-        return net, info
-
-    model, trained_now, info = load_or_train_with_info(ctx.cache_dir, key, build_net, train)
-    return common.Trained(model=model, trained_now=trained_now, info=dict(info), key=checkpoint_key(key))
-
-
-# ---------------------------------------------------------------- hooks into the diffusion core
 
 
 class ForwardNoise:
@@ -606,7 +569,7 @@ def _dip_noise(ctx, train_set, data_identity: dict, steps: int, metrics: dict):
     build = common.build_seeded(m.dip_backbone, int(dip.code_channels), 3, int(dip.seed), device)
     identity = {"net": common.plain(m.dip_backbone), "data": data_identity, "image_index": int(dip.image_index),
                 "sigma": float(dip.sigma), "clip": bool(dip.clip), "noise_seed": int(dip.noise_seed)}
-    fitted = fit_dip_cached(ctx, identity, build, code, noisy, steps, clean=clean)
+    fitted = common.fit_dip_cached(ctx, identity, build, code, noisy, dip, clean=clean, steps=steps)
     net = fitted.model.to(device)
     with torch.no_grad():
         output = net.train()(code)

@@ -204,8 +204,9 @@ def fit_dip_cached(ctx, identity: dict, build_net, code: torch.Tensor, target: t
     given), loss_final, dip_seconds, steps.
     """
     steps = profile_steps(ctx.profile, int(dip.steps)) if steps is None else int(steps)
+    # Only the last output is used, so the loop evaluates at its first and last step only.
     settings = DipSettings(lr=float(dip.lr), reg_noise_std=float(dip.reg_noise_std), ema=float(dip.ema),
-                           eval_every=int(ctx.cfg.eval_every), progress=ctx.progress, description="dip",
+                           eval_every=max(1, steps), progress=ctx.progress, description="dip",
                            evaluate_ssim=False)
     key_settings = {k: v for k, v in dataclasses.asdict(settings).items()
                     if k not in ("progress", "description", "eval_every", "evaluate_ssim")}
