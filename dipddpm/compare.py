@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from dipddpm.io import read_json, save_figure_atomic, write_csv_atomic, write_text_atomic
+from dipddpm.sweep import nested_config
 
 BASE_COLUMNS = ["job_dir", "status", "error", "seed", "method", "experiment", "config_hash"]
 OPTIONAL_BASE_COLUMNS = ["baseline"]     # present only when some run is a classical baseline
@@ -214,7 +215,7 @@ def _record_from_result(job_dir: Path) -> RunRecord:
     items = metrics.get(ITEMS_METRIC)
     items = items if isinstance(items, list) and items and all(isinstance(i, dict) for i in items) else None
     _add_metrics(row, {k: v for k, v in metrics.items() if not (items and k == ITEMS_METRIC)})
-    table = result.get("table") or config.get("table") or _subtree(config, "table")
+    table = result.get("table") or config.get("table") or nested_config(config, "table")
     spec = _spec_from(table, result.get("report") or config.get("report"))
     return RunRecord(row, spec, items)
 
@@ -246,20 +247,6 @@ def _expand_items(record: RunRecord) -> list[RunRecord]:
         _add_metrics(row, {key: value for key, value in item.items() if not isinstance(value, (str, dict))})
         expanded.append(RunRecord(row, record.spec))
     return expanded
-
-
-def _subtree(flat: dict, head: str) -> dict:
-    """Rebuild the nested dict under `head` from flattened dotted keys."""
-    tree: dict = {}
-    for key, value in flat.items():
-        if not key.startswith(head + "."):
-            continue
-        parts = key[len(head) + 1:].split(".")
-        node = tree
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return tree
 
 
 def _record_from_hydra(job_dir: Path) -> RunRecord:

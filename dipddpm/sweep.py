@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import logging
 import os
 import socket
 import time
+import traceback
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from dipddpm.io import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("dipddpm")
 
@@ -67,6 +71,42 @@ def flat_config(cfg: DictConfig) -> dict:
     out: dict = {}
     _flatten(container, "", out)
     return out
+
+
+def nested_config(flat: dict, head: str = "") -> dict:
+    """The inverse of flat_config: {dotted.key: value} -> nested dicts. With ``head``
+    only the keys under ``head.`` count, and the tree below it is returned."""
+    prefix = f"{head}." if head else ""
+    tree: dict = {}
+    for key, value in flat.items():
+        if not key.startswith(prefix):
+            continue
+        parts = key[len(prefix):].split(".")
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
+def now() -> str:
+    """Local time to the second, as result.json's started / finished."""
+    return _dt.datetime.now().isoformat(timespec="seconds")
+
+
+def failed_result(run_dir: Path, error: BaseException, header: dict) -> dict:
+    """The result of a job that raised ``error`` (call it in the except block): status
+    failed, the error's type and message, the traceback written to run_dir/traceback.txt."""
+    write_text_atomic(Path(run_dir) / "traceback.txt", traceback.format_exc())
+    return {"status": "failed", "error": {"type": type(error).__name__, "message": str(error),
+                                          "traceback_file": "traceback.txt"}, **header, "metrics": {}}
+
+
+def write_result(result_path: Path, result: dict, started: str) -> None:
+    """Stamp ``result`` with its start and finish times and write it atomically."""
+    result["started"] = started
+    result["finished"] = now()
+    write_json_atomic(result_path, result)
 
 
 def config_hash(cfg: DictConfig) -> str:

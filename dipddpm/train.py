@@ -9,13 +9,10 @@ its sweep; the exit status of a sweep is the number of jobs that failed.
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import logging
 import os
-import socket
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import hydra
@@ -25,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dipddpm import sweep
 from dipddpm.errors import ConfigError, DivergedError
-from dipddpm.io import read_json, write_json_atomic, write_text_atomic
+from dipddpm.io import read_json, write_json_atomic
 from dipddpm.progress import progress_enabled
 
 log = logging.getLogger("dipddpm")
@@ -89,7 +86,7 @@ def run_job(cfg: DictConfig) -> str:
     if not lock.acquire():
         log.info("skip %s: running in another process (%s)", run_dir.name, lock.holder())
         return "running"
-    started = _dt.datetime.now().isoformat(timespec="seconds")
+    started = sweep.now()
     try:
         try:
             method = get_method(cfg.method.name)
@@ -121,17 +118,13 @@ def run_job(cfg: DictConfig) -> str:
         result = {"status": "diverged", "error": {"type": "DivergedError", "message": str(error), "step": error.step},
                   **header, "metrics": {}}
     except Exception as error:  # recorded, the sweep goes on
-        write_text_atomic(run_dir / "traceback.txt", traceback.format_exc())
-        result = {"status": "failed", "error": {"type": type(error).__name__, "message": str(error),
-                                                "traceback_file": "traceback.txt"}, **header, "metrics": {}}
+        result = sweep.failed_result(run_dir, error, header)
         if isinstance(error, ConfigError) and sweep.is_complete(result_path, None):
             log.error("%s: %s (kept the earlier complete result)", run_dir.name, error)
             return "failed"
     finally:
         lock.release()
-    result["started"] = started
-    result["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
-    write_json_atomic(result_path, result)
+    sweep.write_result(result_path, result, started)
     status = result["status"]
     metrics = result["metrics"]
     if status == "ok":

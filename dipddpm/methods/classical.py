@@ -8,11 +8,9 @@ runs each algorithm once per distinct observation of the sweep's jobs.
 
 from __future__ import annotations
 
-import datetime as _dt
 import importlib
 import logging
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from dipddpm.data.images import folder_images, load_observation, resolve_source, validate_image_config
 from dipddpm.errors import ConfigError, require, require_choice
-from dipddpm.io import read_json, save_image_atomic, write_json_atomic, write_text_atomic
+from dipddpm.io import read_json, save_image_atomic
 from dipddpm.methods.dip import effective_size
 from dipddpm.metrics import psnr, psnr_uint8, ssim
+from dipddpm.sweep import Callback, JobLock, failed_result, is_complete, nested_config, now, write_result
 
 log = logging.getLogger("dipddpm")
 
@@ -262,17 +261,6 @@ class ObservationGroup:
     jobs: list[str] = field(default_factory=list)
 
 
-def _nested(flat: dict) -> dict:
-    tree: dict = {}
-    for dotted, value in flat.items():
-        node = tree
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return tree
-
-
 def _job_description(job_dir: Path) -> dict | None:
     """A sweep job's resolved config, experiment, choices and table spec (None if unreadable)."""
     result = {}
@@ -289,7 +277,7 @@ def _job_description(job_dir: Path) -> dict | None:
         except Exception:  # an unresolvable file falls back to result.json
             config = None
     if config is None and isinstance(result.get("config"), dict):
-        config = _nested(result["config"])
+        config = nested_config(result["config"])
     if not isinstance(config, dict):
         return None
     choices = result.get("choices")
@@ -372,7 +360,6 @@ def run_baseline(sweep_dir: Path, group: ObservationGroup, algorithm: str, force
     import torch
 
     from dipddpm.runtime import RunContext
-    from dipddpm.sweep import JobLock, is_complete
 
     run_dir = Path(sweep_dir) / f"{BASELINE_PREFIX}{algorithm},data={group.key}"
     cfg = baseline_config(group.config, algorithm)
@@ -383,7 +370,7 @@ def run_baseline(sweep_dir: Path, group: ObservationGroup, algorithm: str, force
     lock = JobLock(run_dir / ".lock")
     if not lock.acquire():
         return "running"
-    started = _dt.datetime.now().isoformat(timespec="seconds")
+    started = now()
     try:
         validate(cfg)
         ctx = RunContext(cfg=cfg, run_dir=run_dir, device=torch.device("cpu"), seed=0, progress=False,
@@ -391,14 +378,10 @@ def run_baseline(sweep_dir: Path, group: ObservationGroup, algorithm: str, force
         result = {"status": "ok", "error": None, **header, "device": "cpu", "uses_clean_image": False,
                   "clean_image_uses": [], "metrics": run(ctx)}
     except Exception as error:  # recorded like a failed sweep job
-        write_text_atomic(run_dir / "traceback.txt", traceback.format_exc())
-        result = {"status": "failed", "error": {"type": type(error).__name__, "message": str(error),
-                                                "traceback_file": "traceback.txt"}, **header, "metrics": {}}
+        result = failed_result(run_dir, error, header)
     finally:
         lock.release()
-    result["started"] = started
-    result["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
-    write_json_atomic(result_path, result)
+    write_result(result_path, result, started)
     return result["status"]
 
 
@@ -423,12 +406,6 @@ def run_baselines(sweep_dir, algorithms=None, force: bool = False) -> dict[str, 
     else:
         log.info("baselines: no job in %s denoises an image observation; nothing to run", sweep_dir)
     return statuses
-
-
-try:
-    from hydra.experimental.callback import Callback
-except ImportError:  # pragma: no cover - hydra < 1.1
-    Callback = object
 
 
 class BaselinesCallback(Callback):

@@ -18,7 +18,7 @@ from dipddpm.data.images import load_observation, to_image, to_tensor, validate_
 from dipddpm.dip import DipSettings, Stage, fit_dip
 from dipddpm.replicas import fit_dip_replicas, replica_seeds
 from dipddpm.early_stop import build_early_stop, validate_early_stop
-from dipddpm.errors import ConfigError, require, require_choice
+from dipddpm.errors import require, require_choice
 from dipddpm.io import save_figure_atomic, save_image_atomic, write_text_atomic
 from dipddpm.metrics import psnr, psnr_uint8, ssim
 from dipddpm.models import build_backbone, check_size, size_requirement
