@@ -96,7 +96,8 @@ def train_digit_classifier(
 @torch.no_grad()
 def classifier_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                         batch_size: int = 512) -> float:
-    """Fraction of images (N, C, H, W) in [0, 1] that ``model`` (logits per class) labels right."""
+    """Fraction of ``images`` (N, C, H, W, in the range ``model`` takes) that ``model`` (logits per
+    class) labels as their ``labels`` (N,)."""
     device = next(model.parameters()).device
     correct = 0
     for begin in range(0, len(images), batch_size):
