@@ -132,9 +132,10 @@ def keep_freed_cpu_memory() -> bool:
 
     PyTorch's CPU allocator calls malloc/free for every tensor. glibc serves large
     blocks with mmap and trims the heap top on free, so each DIP step faults its
-    activations in afresh (about 25,000 page faults per step for the skip net at
-    128x128). Raising the mmap and trim thresholds to 1 GiB keeps that memory in the
-    heap for reuse. Returns whether the setting took (glibc only; a no-op elsewhere).
+    activations in afresh (about 30,000 minor page faults per step for the skip net
+    at 128x128, about 800 with this setting; docs/PERFORMANCE.md). Raising the mmap
+    and trim thresholds to 1 GiB keeps that memory in the heap for reuse. Returns
+    whether the setting took (glibc only; a no-op elsewhere).
     """
     if _MALLOC_TUNED:
         return _MALLOC_TUNED[0]
