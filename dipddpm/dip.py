@@ -8,6 +8,13 @@ Nothing on a non-evaluation step waits for the device: the loss check, the outpu
 average and the no-reference statistic stay on the device; PSNR/SSIM and the early-stop
 decision happen only at evaluation points.
 
+What an evaluation scores (``score_pass``): ``step_output``, the output of the step's own
+training forward pass, computed before its optimiser step (averaged when ``ema`` > 0);
+or ``eval_forward`` (report R2's code), a fresh no-grad forward pass in eval mode
+(BatchNorm on its running averages) after the optimiser step. Either way the image is
+clipped to [0, 1]. The best weights (``restore_best``) are those that produced the best
+scored image.
+
 The loop itself (:func:`run_loop`) trains K independent runs at once: row k of every
 batched tensor belongs to run k. ``fit_dip`` is the K = 1 case with an ordinary
 module; :mod:`dipddpm.replicas` supplies K networks trained as one batched computation.
@@ -27,7 +34,7 @@ import torch
 
 from dipddpm.early_stop import NoStop
 from dipddpm.errors import DivergedError
-from dipddpm.metrics import psnr_torch_batched, ssim
+from dipddpm.metrics import psnr_torch_batched, ssim, uint8_levels
 from dipddpm.progress import progress_bar
 
 BAR_CHUNK = 25  # progress-bar updates are batched: at most one per this many steps
@@ -60,6 +67,9 @@ class DipSettings:
     reset_optimizer_per_stage: bool = False
     restore_best: bool = False
     psnr_metric: str = "float"
+    uint8_quantise: str = "round"
+    score_pass: str = "step_output"
+    final_from: str = "last_output"
     evaluate_ssim: bool = True
     progress: bool = False
     description: str = "dip"
@@ -83,10 +93,17 @@ class StageSummary:
     info: dict
 
 
+SCORE_PASSES = ("step_output", "eval_forward")
+FINAL_FROM = ("last_output", "fresh_pass")
+
+
 @dataclass
 class DipResult:
     """Outputs (1, C, H, W) clipped to [0, 1]; ``best`` needs a clean image; ``stopped`` is
-    what the stopping rule returns (its choice, or the final output). ``eval_seconds`` is
+    what the stopping rule returns (its choice, or the final output). ``final`` is the
+    last scored image, or with ``final_from`` = fresh_pass one more no-grad forward pass of
+    the last stage's network input with the weights training ended with (before any
+    restore). ``eval_seconds`` is
     the wall time spent at evaluation points (of ``evaluations``), included in ``seconds``."""
 
     final: torch.Tensor
@@ -191,6 +208,15 @@ class SingleRun:
             output = self.forward(inputs)
         return output.detach(), backward_rows(output, target)
 
+    @torch.no_grad()
+    def forward_no_grad(self, inputs: torch.Tensor, eval_mode: bool) -> torch.Tensor:
+        """A forward pass outside training, in eval mode or not; the net ends in train mode."""
+        self.net.train(not eval_mode)
+        with autocast_context(inputs.device, self.settings.autocast):
+            output = self.forward(inputs)
+        self.net.train()
+        return output.float()
+
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -226,15 +252,12 @@ def _jitter(shape, generators, active: list[bool], device) -> torch.Tensor:
                       for g, on in zip(generators, active)])
 
 
-def _quantise(x: torch.Tensor) -> torch.Tensor:
-    return torch.round(x.clamp(0, 1) * 255.0)
-
-
-def _psnr_rows(reference: torch.Tensor, estimate: torch.Tensor, metric: str) -> list[float]:
+def _psnr_rows(reference: torch.Tensor, estimate: torch.Tensor, metric: str, quantise: str = "round") -> list[float]:
     """PSNR of each row of ``estimate`` (K, ...) against ``reference`` (1 or K, ...): one host read."""
     reference = reference.expand_as(estimate)
     if metric == "uint8":
-        return psnr_torch_batched(_quantise(reference), _quantise(estimate), data_range=255.0).tolist()
+        return psnr_torch_batched(uint8_levels(reference, quantise), uint8_levels(estimate, quantise),
+                                  data_range=255.0).tolist()
     return psnr_torch_batched(reference, estimate, data_range=1.0).tolist()
 
 
@@ -266,6 +289,10 @@ def run_loop(runs, stages: list[Stage], settings: DipSettings, early_stops: list
     stage ends, so every run follows exactly the path it would follow alone. Raises
     DivergedError on the first NaN/inf loss of any run still training.
     """
+    if settings.score_pass not in SCORE_PASSES or settings.final_from not in FINAL_FROM:
+        raise ValueError(f"score_pass must be one of {SCORE_PASSES} and final_from one of {FINAL_FROM}")
+    if settings.score_pass == "eval_forward" and settings.ema > 0:
+        raise ValueError("score_pass='eval_forward' scores one forward pass: it needs ema = 0")
     count = runs.count
     generators = list(generators) if generators is not None else [None] * count
     device = stages[0].target.device
@@ -273,7 +300,7 @@ def run_loop(runs, stages: list[Stage], settings: DipSettings, early_stops: list
     records = [_RunRecord() for _ in range(count)]
     first_bad = torch.full((count,), -1, dtype=torch.int64, device=device)
     training = torch.ones(count, dtype=torch.bool, device=device)
-    average = shown = losses = None
+    average = shown = losses = fresh = None
     stop_every = sorted({rule.every for rule in early_stops if getattr(rule, "every", None)})
     eval_seconds, evaluations = 0.0, 0
     started = time.perf_counter()
@@ -298,36 +325,44 @@ def run_loop(runs, stages: list[Stage], settings: DipSettings, early_stops: list
                 if settings.reg_noise_std > 0:
                     net_input = torch.add(net_input, _jitter(net_input.shape, generators, active, device),
                                           alpha=settings.reg_noise_std)
+                last = step == stage.steps - 1
+                evaluating = last or step % settings.eval_every == 0 or any(step % every == 0 for every in stop_every)
                 runs.zero_grad()
                 output, losses = runs.train_step(net_input, target, active)
+                scored_weights = None
+                if evaluating and settings.restore_best and settings.score_pass == "step_output":
+                    scored_weights = [runs.weights(k) if active[k] else None for k in range(count)]
                 runs.step(active)
                 with torch.no_grad():
                     bad = ~torch.isfinite(losses) & training & (first_bad < 0)
                     first_bad = torch.where(bad, step, first_bad)
-                    shown = output.float()
+                    raw = output.float()
+                    shown = raw
                     if settings.ema > 0:
-                        average = shown.clone() if average is None else average.lerp_(shown, 1 - settings.ema)
+                        average = raw.clone() if average is None else average.lerp_(raw, 1 - settings.ema)
                         shown = average
                     shown = shown.clamp(0.0, 1.0)
                     for k in range(count):
                         if active[k]:
-                            early_stops[k].observe(step, shown[k:k + 1])
+                            early_stops[k].observe(step, raw[k:k + 1], shown[k:k + 1])
                 looped += 1
                 pending += 1
-                last = step == stage.steps - 1
-                if not (last or step % settings.eval_every == 0 or any(step % every == 0 for every in stop_every)):
+                if not evaluating:
                     if pending >= BAR_CHUNK:
                         bar.update(pending)
                         pending = 0
                     continue
                 began = time.perf_counter()
+                if settings.score_pass == "eval_forward":
+                    shown = runs.forward_no_grad(stage.net_input, eval_mode=True).clamp(0.0, 1.0)
                 loss_values = losses.tolist()
                 bad_at = first_bad.tolist()
                 for k in range(count):
                     if bad_at[k] >= 0:
                         raise DivergedError(base[k] + bad_at[k], loss_values[k])
                 psnr_noisy = _psnr_rows(target.clamp(0, 1), shown, "float")
-                psnr_clean = _psnr_rows(clean, shown, settings.psnr_metric) if clean is not None else None
+                psnr_clean = (_psnr_rows(clean, shown, settings.psnr_metric, settings.uint8_quantise)
+                              if clean is not None else None)
                 for k in range(count):
                     if not active[k]:
                         continue
@@ -343,11 +378,12 @@ def run_loop(runs, stages: list[Stage], settings: DipSettings, early_stops: list
                         if row["psnr"] > record.best_psnr:
                             record.best_psnr, record.best_step = row["psnr"], row["step"]
                             record.best_output = shown[k:k + 1].clone()
+                            if settings.restore_best:
+                                record.best_state = (scored_weights[k] if scored_weights is not None
+                                                     else runs.weights(k))
                         if row["psnr"] > stage_best[k][0]:
                             stage_best[k] = (row["psnr"], row["ssim"], row["step"])
-                    stop = early_stops[k].check(step, row["psnr"])
-                    if settings.restore_best and getattr(early_stops[k], "improved", False):
-                        record.best_state = runs.weights(k)
+                    stop = early_stops[k].is_check_step(step) and early_stops[k].check(step, row["psnr"])
                     record.curve.append(row)
                     if stop and not last:
                         active[k], stopped_early[k], stop_step[k] = False, True, step
@@ -369,6 +405,8 @@ def run_loop(runs, stages: list[Stage], settings: DipSettings, early_stops: list
                 if average_k is not None:
                     average[k:k + 1] = average_k
             training.fill_(True)
+            if settings.final_from == "fresh_pass" and stage is stages[-1]:
+                fresh = runs.forward_no_grad(stage.net_input, eval_mode=settings.score_pass == "eval_forward")
             for k, record in enumerate(records):
                 psnr_best, ssim_best, best_step = stage_best[k]
                 record.summaries.append(StageSummary(
@@ -386,7 +424,7 @@ def run_loop(runs, stages: list[Stage], settings: DipSettings, early_stops: list
     seconds = time.perf_counter() - started
     results = []
     for k, record in enumerate(records):
-        final = shown[k:k + 1].clone()
+        final = (fresh if fresh is not None else shown)[k:k + 1].clamp(0.0, 1.0).clone()
         chosen = early_stops[k].chosen_output()
         if chosen is not None:
             stopped = chosen.clone()
@@ -413,12 +451,20 @@ def fit_dip(
     """Optimise ``net`` through ``stages``; evaluate against ``clean`` when given.
 
     Evaluation points: step 0 and every ``eval_every``-th step of a stage, every
-    ``early_stop.every``-th step when the rule has one, and each stage's last step.
-    The evaluated output is the output of that step's forward pass (averaged when
-    ``ema`` > 0), clipped to [0, 1]. Raises DivergedError on a NaN/inf loss.
+    ``early_stop.every``-th step when the rule has one, and each stage's last step;
+    the rule's ``check`` runs at those of its own check steps. The evaluated image is
+    set by ``settings.score_pass`` (module docstring). Raises DivergedError on a NaN/inf loss.
     """
     early_stop = early_stop or NoStop()
     if early_stop.uses_clean_image and clean is None:
         raise ValueError("early stopping on PSNR needs the clean image")
     net.train()
     return run_loop(SingleRun(net, settings), stages, settings, [early_stop], clean=clean, generators=[generator])[0]
+
+
+def make_code(channels: int, size, kind: str, scale: float, generator: torch.Generator, device) -> torch.Tensor:
+    """A DIP input code z (1, channels, H, W) for size (H, W) or a side: U(0, 1) (kind
+    "uniform") or N(0, 1) ("gaussian") drawn from ``generator`` on its device, times scale."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    draw = torch.rand if kind == "uniform" else torch.randn
+    return draw((1, channels) + size, generator=generator, device=generator.device).to(device) * scale

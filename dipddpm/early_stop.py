@@ -4,6 +4,11 @@ A rule sees each stage of a run. ``PsnrPatience`` is report R1's rule and reads 
 PSNR against the clean image; ``WindowedVariance`` (Wang et al.) needs no clean image:
 it watches the variance of the last ``window`` outputs and keeps the output at the
 variance minimum.
+
+The loop calls ``observe(step, raw, returned)`` every step with the network's raw
+output and the image the method would return at that step (clipped, EMA-averaged when
+EMA is on), and ``check(step, psnr)`` at the evaluation points where
+``is_check_step(step)`` holds.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch
 from dipddpm.errors import require, require_choice
 
 RULES = ("none", "psnr_patience", "wmv")
+WATCHED = ("raw", "averaged")
 
 
 def validate_early_stop(cfg) -> None:
@@ -23,6 +29,7 @@ def validate_early_stop(cfg) -> None:
     if cfg.name == "wmv":
         require(int(cfg.window) >= 2, "early_stop.window", cfg.window, "an integer >= 2")
         require(int(cfg.patience) >= 1, "early_stop.patience", cfg.patience, "an integer >= 1")
+        require_choice("early_stop.watch", cfg.get("watch", "raw"), WATCHED)
 
 
 class NoStop:
@@ -34,8 +41,12 @@ class NoStop:
     def start_stage(self, index: int) -> None:
         pass
 
-    def observe(self, step: int, output: torch.Tensor) -> None:
+    def observe(self, step: int, raw: torch.Tensor, returned: torch.Tensor | None = None) -> None:
         pass
+
+    def is_check_step(self, step: int) -> bool:
+        """Whether ``check`` runs at stage step ``step`` (every evaluation point by default)."""
+        return True
 
     def check(self, step: int, psnr: float | None) -> bool:
         return False
@@ -48,7 +59,8 @@ class NoStop:
 
 
 class PsnrPatience(NoStop):
-    """Report R1's rule, applied at every ``every``-th step of a stage (step 0 included).
+    """Report R1's rule, applied at every ``every``-th step of a stage (step 0 included)
+and only there, so it stops at the same step whatever the loop's ``eval_every``.
 
     If ``psnr - best >= min_delta`` the best is updated (and the counter reset when
     ``reset_on_improve``); otherwise the counter grows. The stage stops when the
@@ -63,7 +75,9 @@ class PsnrPatience(NoStop):
         self.reset_on_improve, self.carry_best = bool(reset_on_improve), bool(carry_best)
         self.best = -float("inf")
         self.count = 0
-        self.improved = False
+
+    def is_check_step(self, step: int) -> bool:
+        return step % self.every == 0
 
     def start_stage(self, index: int) -> None:
         self.count = 0
@@ -72,12 +86,10 @@ class PsnrPatience(NoStop):
 
     def check(self, step: int, psnr: float | None) -> bool:
         """Update with the PSNR evaluated at stage step ``step``; True means stop now."""
-        self.improved = False
         if psnr is None:
             return False
         if psnr - self.best >= self.min_delta:
             self.best = psnr
-            self.improved = True
             if self.reset_on_improve:
                 self.count = 0
         else:
@@ -88,15 +100,22 @@ class PsnrPatience(NoStop):
 class WindowedVariance(NoStop):
     """No-reference rule: variance of the last ``window`` outputs, kept on the device.
 
-    ``observe`` is called every step with the output (1, C, H, W). Running sums make
+    ``observe`` is called every step with the raw output (1, C, H, W) and the image the
+    method returns there (None: the raw output). ``watch`` = raw (ES-WMV as published)
+    takes the variance of the raw outputs, ``averaged`` that of the returned images; the
+    kept image is always the returned one at the variance minimum. With W = ``window``
+    and the last W frames x_1..x_W, the statistic is
+    mean over pixels of (1/W) sum_i (x_i - mean_i x_i)^2. Running sums make
     each step O(pixels); the minimum variance, its step and the output there are
     updated with ``torch.where``, so no step needs a host synchronisation. ``check``
     (at evaluation points) reads the step of the minimum once and stops when
     ``patience`` steps have passed without a new minimum.
     """
 
-    def __init__(self, window: int, patience: int):
-        self.window, self.patience = int(window), int(patience)
+    def __init__(self, window: int, patience: int, watch: str = "raw"):
+        if watch not in WATCHED:
+            raise ValueError(f"watch must be one of {WATCHED}, got {watch!r}")
+        self.window, self.patience, self.watch = int(window), int(patience), watch
         self.start_stage(0)
 
     def start_stage(self, index: int) -> None:
@@ -105,8 +124,9 @@ class WindowedVariance(NoStop):
         self.best_var = self.best_step = self.best_output = None
         self.latest_var = None
 
-    def observe(self, step: int, output: torch.Tensor) -> None:
-        frame = output.detach().to(torch.float64)
+    def observe(self, step: int, raw: torch.Tensor, returned: torch.Tensor | None = None) -> None:
+        output = raw if returned is None else returned
+        frame = (raw if self.watch == "raw" else output).detach().to(torch.float64)
         if self.buffer is None:
             self.buffer = torch.zeros((self.window,) + tuple(frame.shape), dtype=torch.float64, device=frame.device)
             self.sum = torch.zeros_like(frame)
@@ -161,5 +181,5 @@ def build_early_stop(cfg, carry_best: bool = True):
     if cfg.name == "psnr_patience":
         return PsnrPatience(cfg.every, cfg.patience, cfg.min_delta, cfg.reset_on_improve, carry_best)
     if cfg.name == "wmv":
-        return WindowedVariance(cfg.window, cfg.patience)
+        return WindowedVariance(cfg.window, cfg.patience, str(cfg.get("watch", "raw")))
     return NoStop()

@@ -40,19 +40,25 @@ def ssim(reference: np.ndarray, estimate: np.ndarray, data_range: float = 1.0) -
     )
 
 
-def psnr_uint8(reference: np.ndarray, estimate: np.ndarray) -> float:
-    """PSNR after quantising both [0, 1] images to uint8, with data_range 255 (report R2's metric)."""
-    to_uint8 = lambda a: np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)  # noqa: E731
-    return float(peak_signal_noise_ratio(to_uint8(reference), to_uint8(estimate), data_range=255))
+QUANTISERS = ("round", "truncate")
 
 
-def psnr_torch(reference: torch.Tensor, estimate: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """PSNR in dB as a 0-d tensor on the inputs' device (no host synchronisation).
+def uint8_levels(x, quantise: str = "round"):
+    """[0, 1] image (NumPy array or torch tensor) -> its uint8 levels 0..255, same type, as floats.
 
-    Both tensors have the same shape; the mean squared error is taken over all elements.
+    round: round(clip(x, 0, 1) * 255); truncate: floor(clip(x, 0, 1) * 255), what report R2's
+    ``np.uint8(x * 255)`` does to a clipped image (the cast drops the fraction).
     """
-    mse = torch.mean((reference.double() - estimate.double()) ** 2)
-    return 10.0 * torch.log10(torch.as_tensor(data_range**2, dtype=torch.float64, device=mse.device) / mse)
+    if quantise not in QUANTISERS:
+        raise ValueError(f"quantise must be one of {QUANTISERS}, got {quantise!r}")
+    scaled = x.clip(0, 1) * 255.0
+    return scaled.round() if quantise == "round" else scaled - scaled % 1.0
+
+
+def psnr_uint8(reference: np.ndarray, estimate: np.ndarray, quantise: str = "round") -> float:
+    """PSNR after quantising both [0, 1] images to uint8 (``uint8_levels``), data_range 255 (report R2's metric)."""
+    to_uint8 = lambda a: uint8_levels(np.asarray(a, dtype=np.float64), quantise).astype(np.uint8)  # noqa: E731
+    return float(peak_signal_noise_ratio(to_uint8(reference), to_uint8(estimate), data_range=255))
 
 
 def psnr_torch_batched(reference: torch.Tensor, estimate: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:

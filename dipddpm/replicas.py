@@ -101,6 +101,22 @@ class ReplicaRuns:
         losses = [torch.zeros(1, device=inputs.device) if loss is None else loss for loss in losses]
         return torch.cat(outputs), torch.cat(losses)
 
+    @torch.no_grad()
+    def forward_no_grad(self, inputs: torch.Tensor, eval_mode: bool) -> torch.Tensor:
+        """Every network's forward pass outside training, (K, Cin, H, W) -> (K, C, H, W), in eval
+        mode or not (train mode updates BatchNorm statistics); the networks end in train mode."""
+        nets = [self.template] if self.mode == "vmap" else self.nets
+        for net in nets:
+            net.train(not eval_mode)
+        with autocast_context(inputs.device, self.settings.autocast):
+            if self.mode == "vmap":
+                output = self.forward(inputs)
+            else:
+                output = torch.cat([call(inputs[k:k + 1]) for k, call in enumerate(self.calls)])
+        for net in nets:
+            net.train()
+        return output.float()
+
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 

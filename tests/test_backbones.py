@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from dipddpm.errors import ConfigError
-from dipddpm.models import backbone_for_profile, build_backbone, check_size, size_requirement
+from dipddpm.models import build_backbone, check_size, size_requirement
+from dipddpm.profile import preset_merged
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 
@@ -138,7 +139,7 @@ def test_cnn_out_activation_sigmoid_bounds_output():
 
 
 def test_unet_parameter_count_range_and_layout():
-    cfg = load("unet")
+    cfg = load("unet", merge_width="level_plus_skip", out_norm="none")  # R2's own layout: test_fidelity.py
     net = build_backbone(cfg, 3, 3)
     assert n_params(net) == unet_expected(3, 3, [8, 16, 32, 64, 128, 256], [0, 0, 4, 4, 4])
     net.train()
@@ -153,7 +154,7 @@ def test_unet_parameter_count_range_and_layout():
 
 
 def test_unet_configurable_channels_and_minimum_side():
-    cfg = load("unet", channels=[4, 4, 8], skip_channels=[2, 0])
+    cfg = load("unet", channels=[4, 4, 8], skip_channels=[2, 0], merge_width="level_plus_skip", out_norm="none")
     net = build_backbone(cfg, 1, 2)
     assert n_params(net) == unet_expected(1, 2, [4, 4, 8], [2, 0])
     assert size_requirement(cfg) == (8, 16)
@@ -257,6 +258,11 @@ def test_size_requirements():
     check_size(load("skip_mnist"), 32)
     with pytest.raises(ConfigError, match="data.size"):
         check_size(load("unet"), 96)
+
+
+def backbone_for_profile(cfg, profile):
+    """The backbone group as apply_profile leaves it under ``profile``."""
+    return OmegaConf.create(preset_merged(OmegaConf.to_container(cfg), "backbone", profile))
 
 
 def test_smoke_presets_narrow_the_r2_nets_and_leave_other_profiles_alone():

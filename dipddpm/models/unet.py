@@ -5,9 +5,13 @@ LeakyReLU, so level i (1-based) holds ``channels[i-1]`` maps at side H / 2**i.
 Skip path: at level i < L a conv(skip_kernel_size, stride 1) maps the level's
 features to ``skip_channels[i-1]`` maps (0 = no skip at that level).
 Up path: from the bottleneck, ConvTranspose(up_kernel_size, stride 2) to the next
-finer level with that level's down width, concatenated with the level's skip maps,
-then BatchNorm + LeakyReLU; the last ConvTranspose reaches full size with
-``out_channels`` maps and ``out_activation`` (sigmoid by default, so output in [0, 1]).
+finer level, concatenated with the level's skip maps, then BatchNorm + LeakyReLU.
+``merge_width`` says how wide the concatenation is: ``level`` (R2's code) makes it the
+level's down width, so the transposed conv outputs width - skip maps (124 + 4 = 128);
+``level_plus_skip`` lets the transposed conv output the full width (128 + 4 = 132).
+The last ConvTranspose reaches full size with ``out_channels`` maps, then BatchNorm
+over those maps when ``out_norm`` is ``batch`` (R2), then ``out_activation`` (sigmoid by
+default, so output in [0, 1]).
 Input (N, in_channels, H, W) -> output (N, out_channels, H, W).
 """
 
@@ -21,6 +25,8 @@ from dipddpm.models.cnn import OUT_ACTIVATIONS, output_activation, positive_int_
 
 DEFAULT_CHANNELS = (8, 16, 32, 64, 128, 256)
 DEFAULT_SKIP_CHANNELS = (0, 0, 4, 4, 4)
+MERGE_WIDTHS = ("level", "level_plus_skip")
+OUT_NORMS = ("batch", "none")
 
 
 class _Settings:
@@ -64,6 +70,17 @@ class _Settings:
         )
         self.out_activation = cfg.get("out_activation", "sigmoid")
         require_choice("backbone.out_activation", self.out_activation, OUT_ACTIVATIONS)
+        self.merge_width = cfg.get("merge_width", "level")
+        require_choice("backbone.merge_width", self.merge_width, MERGE_WIDTHS)
+        if self.merge_width == "level":
+            require(
+                all(s < c for c, s in zip(self.channels, self.skip_channels)),
+                "backbone.skip_channels",
+                skip,
+                "each below its level's width in backbone.channels when backbone.merge_width=level",
+            )
+        self.out_norm = cfg.get("out_norm", "batch")
+        require_choice("backbone.out_norm", self.out_norm, OUT_NORMS)
 
 
 def _is_int_list(value) -> bool:
@@ -106,11 +123,13 @@ class UNet(nn.Module):
         self.up_post = nn.ModuleList()
         previous = widths[-1]
         for width, skip_width in reversed(list(zip(widths[:-1], settings.skip_channels))):
-            self.up.append(nn.ConvTranspose2d(previous, width, ku, stride=2, padding=(ku - 2) // 2))
-            merged = width + skip_width
+            up_width = width - skip_width if settings.merge_width == "level" else width
+            self.up.append(nn.ConvTranspose2d(previous, up_width, ku, stride=2, padding=(ku - 2) // 2))
+            merged = up_width + skip_width
             self.up_post.append(nn.Sequential(nn.BatchNorm2d(merged), nn.LeakyReLU(slope)))
             previous = merged
         self.head = nn.ConvTranspose2d(previous, out_channels, ku, stride=2, padding=(ku - 2) // 2)
+        self.out_norm = nn.BatchNorm2d(out_channels) if settings.out_norm == "batch" else nn.Identity()
         self.out_activation = output_activation("backbone.out_activation", settings.out_activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +145,7 @@ class UNet(nn.Module):
             if self.skip_used[level]:
                 x = torch.cat([x, self.skip[level](features[level])], dim=1)
             x = post(x)
-        return self.out_activation(self.head(x))
+        return self.out_activation(self.out_norm(self.head(x)))
 
 
 def build(cfg, in_channels: int, out_channels: int) -> UNet:
