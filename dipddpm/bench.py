@@ -20,7 +20,6 @@ Prints a table and writes bench.csv (device, torch version and threads on every 
 from __future__ import annotations
 
 import argparse
-import csv
 import multiprocessing
 import platform
 import statistics
@@ -34,13 +33,14 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dipddpm.diffusion import ancestral_sample
+from dipddpm.diffusion import sample
+from dipddpm.diffusion.schedule import linear_schedule
 from dipddpm.dip import DipSettings, Stage, fit_dip
 from dipddpm.errors import ConfigError
+from dipddpm.io import write_csv_atomic
 from dipddpm.models import build_backbone, size_requirement
 from dipddpm.replicas import fit_dip_replicas, resolve_mode
-from dipddpm.runtime import resolve_device
-from dipddpm.schedulers import linear_schedule
+from dipddpm.runtime import resolve_device, synchronize
 from dipddpm.sweep import config_dir
 
 COLUMNS = (
@@ -72,11 +72,6 @@ class Options:
     sampling_steps: int = 10
     sampling_batches: tuple = (1, 64)
     notes: list = field(default_factory=list)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def backbone_config(name: str):
@@ -433,7 +428,7 @@ def bench_sampling(options: Options, ceiling: float) -> list[dict]:
     rows = []
     schedule = linear_schedule(1000, 1e-4, 0.02)
     for name in SAMPLING_NETS:
-        cfg = backbone_config(name)
+        cfg = OmegaConf.load(config_dir() / "eps_net" / f"{name}.yaml")
         if "image_size" in cfg:
             cfg.image_size = SAMPLING_SIDE
         torch.manual_seed(0)
@@ -444,11 +439,10 @@ def bench_sampling(options: Options, ceiling: float) -> list[dict]:
             t = torch.full((batch,), 500, dtype=torch.long, device=options.device)
             flops = forward_flops(model, torch.zeros(shape, device=options.device), t)
             generator = torch.Generator(device=options.device).manual_seed(0)
-            ancestral_sample(model, schedule, shape, t_start=1, generator=generator)
+            sample(model, schedule, shape, t_start=1, generator=generator)
             times = []
             for _ in range(options.repeats):
-                result = ancestral_sample(model, schedule, shape, t_start=options.sampling_steps - 1,
-                                          generator=generator)
+                result = sample(model, schedule, shape, t_start=options.sampling_steps - 1, generator=generator)
                 times.append(result.seconds / result.model_calls)
             per_batch[batch] = (statistics.median(times), flops)
         single = per_batch.get(1, (None, None))[0]
@@ -468,17 +462,8 @@ def run_bench(options: Options) -> list[dict]:
     env = environment(options.device)
     for row in rows:
         row.update(env)
-    write_csv(options.out / "bench.csv", rows)
+    write_csv_atomic(options.out / "bench.csv", [{k: _cell(row.get(k)) for k in COLUMNS} for row in rows], COLUMNS)
     return rows
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _cell(row.get(k)) for k in COLUMNS})
 
 
 def _cell(value):

@@ -65,21 +65,36 @@ def read_json(path: str | Path):
         return json.load(handle)
 
 
-def write_csv_atomic(path: str | Path, frame) -> Path:
-    """Write a pandas DataFrame as CSV atomically."""
-    return write_text_atomic(path, frame.to_csv(index=False))
+def csv_text(rows, columns: list[str] | None = None) -> str:
+    """CSV text of a pandas DataFrame or of dicts (one per line; keys not in `columns` are left
+    out, `columns` defaults to the keys in order of appearance). None and NaN are empty cells."""
+    import pandas as pd
+
+    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=columns, dtype=object)
+    return frame.to_csv(index=False, columns=columns)
 
 
-def save_figure_atomic(path: str | Path, figure) -> Path:
-    """Save a matplotlib figure as PNG atomically and close it."""
+def write_csv_atomic(path: str | Path, rows, columns: list[str] | None = None) -> Path:
+    """Write csv_text(rows, columns) to path atomically."""
+    return write_text_atomic(path, csv_text(rows, columns))
+
+
+def save_figure_atomic(path: str | Path, figure, svg: bool = False) -> Path:
+    """Save a matplotlib figure as PNG atomically (with svg=True also beside it as .svg) and close it."""
     import io as _io
 
     import matplotlib.pyplot as plt
 
-    buffer = _io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    formats = ("png", "svg") if svg else ("png",)
+    data = {}
+    for fmt in formats:
+        buffer = _io.BytesIO()
+        figure.savefig(buffer, format=fmt, dpi=100, bbox_inches="tight")
+        data[fmt] = buffer.getvalue()
     plt.close(figure)
-    return write_bytes_atomic(path, buffer.getvalue())
+    for fmt in formats[1:]:
+        write_bytes_atomic(Path(path).with_suffix("." + fmt), data[fmt])
+    return write_bytes_atomic(path, data["png"])
 
 
 def save_image_atomic(path: str | Path, image: np.ndarray) -> Path:
