@@ -7,17 +7,17 @@ import torch
 from torch import nn
 
 from dipddpm.diffusion import (
-    ancestral_sample,
+    Sampler,
+    chain_timesteps,
     checkpoint_key,
-    ddim_sample,
-    ddim_timesteps,
-    load_or_train,
     load_or_train_with_info,
-    predict_x0,
+    load_sample_grids,
+    sample,
+    save_sample_grids,
     train_eps,
 )
+from dipddpm.diffusion.schedule import linear_schedule
 from dipddpm.errors import ConfigError, DivergedError
-from dipddpm.schedulers import linear_schedule
 
 # betas 0.1, 0.2, 0.3 -> alphas 0.9, 0.8, 0.7 -> abar 0.9, 0.72, 0.504
 BETAS = [0.1, 0.2, 0.3]
@@ -92,7 +92,7 @@ def test_q_sample_matches_hand_values():
 def test_one_ancestral_step_at_t0_has_no_noise():
     model = ConstantEps(0.3)
     x = torch.full((2, 1, 2, 2), 0.7)
-    out = ancestral_sample(model, three_step(), x, t_start=0)
+    out = sample(model, three_step(), x, t_start=0)
     expected = (0.7 - BETAS[0] / math.sqrt(1 - ABAR[0]) * 0.3) / math.sqrt(ALPHAS[0])
     assert torch.allclose(out.samples, torch.full_like(x, expected), atol=1e-6)
     assert out.model_calls == 1
@@ -109,7 +109,7 @@ def test_two_ancestral_steps_with_fixed_noise(variance):
         return torch.full(shape, z)
 
     x = torch.full((1, 1, 3, 3), -0.2)
-    out = ancestral_sample(model, three_step(), x, t_start=1, variance=variance, noise_fn=noise_fn)
+    out = sample(model, three_step(), x, t_start=1, variance=variance, noise_fn=noise_fn)
     var1 = BETAS[1] if variance == "beta" else BETAS[1] * (1 - ABAR[0]) / (1 - ABAR[1])
     x_after_1 = (-0.2 - BETAS[1] / math.sqrt(1 - ABAR[1]) * 0.3) / math.sqrt(ALPHAS[1]) + math.sqrt(var1) * z
     x_after_0 = (x_after_1 - BETAS[0] / math.sqrt(1 - ABAR[0]) * 0.3) / math.sqrt(ALPHAS[0])
@@ -120,25 +120,24 @@ def test_two_ancestral_steps_with_fixed_noise(variance):
 def test_ancestral_runs_t_start_plus_one_model_calls():
     schedule = linear_schedule(10, 1e-4, 0.02)
     model = ConstantEps(0.0)
-    result = ancestral_sample(model, schedule, (3, 1, 4, 4), t_start=4, generator=torch.Generator().manual_seed(0))
+    result = sample(model, schedule, (3, 1, 4, 4), t_start=4, generator=torch.Generator().manual_seed(0))
     assert result.model_calls == 5 and len(model.calls) == 5
     assert [int(t[0]) for t in model.calls] == [4, 3, 2, 1, 0]
     assert all(t.shape == (3,) and t.dtype == torch.long for t in model.calls)
-    samples, seconds = result
-    assert samples.shape == (3, 1, 4, 4) and seconds >= 0
+    assert result.samples.shape == (3, 1, 4, 4) and result.seconds >= 0
     model.calls.clear()
-    ancestral_sample(model, schedule, (1, 1, 4, 4))
+    sample(model, schedule, (1, 1, 4, 4))
     assert len(model.calls) == 10
 
 
 def test_ancestral_is_reproducible_and_uses_noise_fn_for_start():
     schedule = linear_schedule(5, 1e-3, 0.05)
     model = ConstantEps(0.1)
-    a = ancestral_sample(model, schedule, (2, 1, 3, 3), generator=torch.Generator().manual_seed(3)).samples
-    b = ancestral_sample(model, schedule, (2, 1, 3, 3), generator=torch.Generator().manual_seed(3)).samples
+    a = sample(model, schedule, (2, 1, 3, 3), generator=torch.Generator().manual_seed(3)).samples
+    b = sample(model, schedule, (2, 1, 3, 3), generator=torch.Generator().manual_seed(3)).samples
     assert torch.equal(a, b)
     seen = []
-    ancestral_sample(model, schedule, (2, 1, 3, 3), t_start=0, noise_fn=lambda s: seen.append(s) or torch.zeros(s))
+    sample(model, schedule, (2, 1, 3, 3), t_start=0, noise_fn=lambda s: seen.append(s) or torch.zeros(s))
     assert seen == [(2, 1, 3, 3)]
 
 
@@ -146,12 +145,12 @@ def test_callback_gets_x0_prediction_and_clip():
     model = ConstantEps(0.3)
     seen = []
     x = torch.full((1, 1, 2, 2), 0.7)
-    ancestral_sample(model, three_step(), x, t_start=2, variance="beta", noise_fn=torch.zeros,
+    sample(model, three_step(), x, t_start=2, variance="beta", noise_fn=torch.zeros,
                      callback=lambda t, xt, x0: seen.append((t, xt.clone(), x0.clone())))
     assert [s[0] for s in seen] == [2, 1, 0]
     t, xt, x0 = seen[0]
     assert torch.allclose(x0, (xt - math.sqrt(1 - ABAR[2]) * 0.3) / math.sqrt(ABAR[2]))
-    clipped = ancestral_sample(model, three_step(), torch.full((1, 1, 2, 2), 5.0), t_start=0, clip_x0=True).samples
+    clipped = sample(model, three_step(), torch.full((1, 1, 2, 2), 5.0), t_start=0, clip_x0=True).samples
     # at t = 0 the posterior mean given a clipped x0 is x0 itself (abar_prev = 1)
     assert torch.allclose(clipped, torch.ones_like(clipped))
 
@@ -162,14 +161,14 @@ def test_predict_x0_inverts_q_sample():
     eps = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([0, 5, 11, 19])
     xt = schedule.q_sample(x0, t, eps)
-    assert torch.allclose(predict_x0(schedule, xt, t, eps), x0, atol=1e-5)
-    assert torch.allclose(predict_x0(schedule, xt[:1], 0, eps[:1]), x0[:1], atol=1e-5)
+    assert torch.allclose(schedule.predict_x0(xt, t, eps), x0, atol=1e-5)
+    assert torch.allclose(schedule.predict_x0(xt[:1], 0, eps[:1]), x0[:1], atol=1e-5)
 
 
 def test_ddim_eta0_all_steps_matches_hand_update():
     model = LinearEps()
     x = torch.full((2, 1, 2, 2), 0.6, dtype=torch.float64)
-    out = ddim_sample(model, three_step(), x.float(), num_steps=3, eta=0.0)
+    out = sample(model, three_step(), x.float(), sampler="ddim", calls=3, eta=0.0)
     value = 0.6
     for t, a_prev in [(2, ABAR[1]), (1, ABAR[0]), (0, 1.0)]:
         eps = 0.1 * (t + 1) * value
@@ -177,35 +176,49 @@ def test_ddim_eta0_all_steps_matches_hand_update():
         value = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
     assert torch.allclose(out.samples.double(), torch.full_like(x, value), atol=1e-5)
     assert out.model_calls == 3
-    again = ddim_sample(model, three_step(), x.float(), num_steps=3, eta=0.0)
+    again = sample(model, three_step(), x.float(), sampler="ddim", calls=3, eta=0.0)
     assert torch.equal(out.samples, again.samples)
+
+
+def test_ddim_skipping_steps_matches_hand_update():
+    schedule = linear_schedule(10, 1e-2, 0.2)
+    abar = schedule.alphas_cumprod.tolist()
+    out = sample(LinearEps(), schedule, torch.full((1, 1, 2, 2), 0.6), sampler="ddim", calls=4)
+    value, visited = 0.6, [9, 6, 3, 0]
+    for t, s in zip(visited, visited[1:] + [None]):
+        a_s = abar[s] if s is not None else 1.0
+        eps = 0.1 * (t + 1) * value
+        x0 = (value - math.sqrt(1 - abar[t]) * eps) / math.sqrt(abar[t])
+        value = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps
+    assert torch.allclose(out.samples.double(), torch.full((1, 1, 2, 2), value, dtype=torch.float64), atol=1e-5)
 
 
 def test_ddim_step_count_and_spacing():
     schedule = linear_schedule(10, 1e-4, 0.02)
-    assert ddim_timesteps(9, 4) == [9, 6, 3, 0]
-    assert ddim_timesteps(9, 10) == list(range(9, -1, -1))
-    assert ddim_timesteps(5, 1) == [5]
+    assert chain_timesteps(9, 4) == [9, 6, 3, 0]
+    assert chain_timesteps(9, 10) == list(range(9, -1, -1))
+    assert chain_timesteps(5, 1) == [5]
     model = ConstantEps(0.0)
-    result = ddim_sample(model, schedule, (2, 1, 3, 3), num_steps=4, eta=1.0, generator=torch.Generator().manual_seed(0))
+    result = sample(model, schedule, (2, 1, 3, 3), sampler="ddim", calls=4, eta=1.0,
+                    generator=torch.Generator().manual_seed(0))
     assert [int(t[0]) for t in model.calls] == [9, 6, 3, 0]
     assert result.samples.shape == (2, 1, 3, 3) and torch.isfinite(result.samples).all()
-    with pytest.raises(ConfigError, match="num_steps"):
-        ddim_sample(model, schedule, (1, 1, 2, 2), num_steps=11)
+    with pytest.raises(ConfigError, match="calls"):
+        sample(model, schedule, (1, 1, 2, 2), sampler="ddim", calls=11)
 
 
 def test_sampler_rejects_bad_values():
     model = ConstantEps()
     with pytest.raises(ConfigError, match="t_start"):
-        ancestral_sample(model, three_step(), (1, 1, 2, 2), t_start=3)
+        sample(model, three_step(), (1, 1, 2, 2), t_start=3)
     with pytest.raises(ConfigError, match="variance"):
-        ancestral_sample(model, three_step(), (1, 1, 2, 2), variance="fixed")
+        sample(model, three_step(), (1, 1, 2, 2), variance="fixed")
 
 
 def test_sampling_restores_training_mode():
     model = ConstantEps()
     model.train()
-    ancestral_sample(model, three_step(), (1, 1, 2, 2))
+    sample(model, three_step(), (1, 1, 2, 2))
     assert model.training
 
 
@@ -333,15 +346,16 @@ def test_load_or_train_reuses_cache(tmp_path):
             model.weight.fill_(0.5)
         return model
 
-    model, trained = load_or_train(tmp_path, config, build, train)
+    model, trained, _ = load_or_train_with_info(tmp_path, config, build, lambda m: (train(m), {}))
     assert trained and calls == [1]
     key = checkpoint_key(config)
     assert (tmp_path / f"{key}.pt").is_file() and (tmp_path / f"{key}.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    again, trained_again = load_or_train(tmp_path, config, build, train)
+    again, trained_again, _ = load_or_train_with_info(tmp_path, config, build, lambda m: (train(m), {}))
     assert not trained_again and calls == [1]
     assert torch.all(again.weight == 0.5)
-    _, trained_other = load_or_train(tmp_path, {"what": "tiny", "steps": 4}, build, train)
+    _, trained_other, _ = load_or_train_with_info(tmp_path, {"what": "tiny", "steps": 4}, build,
+                                                  lambda m: (train(m), {}))
     assert trained_other and calls == [1, 1]
 
 
@@ -356,3 +370,64 @@ def test_load_or_train_with_info_round_trip_and_corrupt_file(tmp_path):
     with pytest.warns(UserWarning, match="training again"):
         _, trained, _ = load_or_train_with_info(tmp_path, config, lambda: nn.Linear(1, 1), lambda m: (m, {}))
     assert trained
+
+
+def test_ancestral_sampler_on_a_respaced_chain_matches_hand_update():
+    """Two calls over the three-step schedule visit t = 2, 0; the chain's betas are
+    1 - abar_2 / abar_0 and 1 - abar_0 (abar kept at the visited steps)."""
+    model = ConstantEps(0.3)
+    seen_t = []
+    model.forward = lambda x, t, f=model.forward: seen_t.append(int(t[0])) or f(x, t)
+    z = 0.4
+    out = sample(model, three_step(), torch.full((1, 1, 2, 2), -0.2), calls=2, noise_fn=lambda s: torch.full(s, z))
+    assert seen_t == [2, 0] and out.model_calls == 2
+    abar = [ABAR[0], ABAR[2]]
+    beta = [1 - abar[0], 1 - abar[1] / abar[0]]
+    x1 = (-0.2 - beta[1] / math.sqrt(1 - abar[1]) * 0.3) / math.sqrt(1 - beta[1]) + math.sqrt(beta[1]) * z
+    x0 = (x1 - beta[0] / math.sqrt(1 - abar[0]) * 0.3) / math.sqrt(1 - beta[0])
+    assert torch.allclose(out.samples, torch.full((1, 1, 2, 2), x0), atol=1e-5)
+    chain = Sampler(three_step(), "ancestral")
+    assert chain.set_timesteps(calls=3) == [2, 1, 0] and chain.chain is chain.schedule
+
+
+def test_callback_gets_the_x0_before_clipping_and_ddim_takes_noise_fn():
+    """One x0 formula (NoiseSchedule.predict_x0): the callback sees it unclipped, the chain uses it clipped."""
+    model = ConstantEps(0.0)
+    seen = []
+    x = torch.full((1, 1, 2, 2), 5.0)
+    out = sample(model, three_step(), x, t_start=0, clip_x0=True, callback=lambda t, xt, x0: seen.append(x0))
+    assert torch.allclose(seen[0], x / math.sqrt(ABAR[0])) and torch.allclose(out.samples, torch.ones_like(x))
+    draws = []
+    sample(model, three_step(), (1, 1, 2, 2), sampler="ddim", calls=3, eta=1.0,
+           noise_fn=lambda s: draws.append(s) or torch.zeros(s))
+    assert len(draws) == 3  # x_T and the two steps with sigma > 0 (none at the last, t = 0)
+
+
+def test_sample_grids_round_trip_beside_a_checkpoint(tmp_path):
+    grids = {5: torch.linspace(0, 1, 12).reshape(2, 2, 3).numpy()}
+    save_sample_grids(tmp_path / "g.npz", grids, {"samples": 4})
+    loaded = load_sample_grids(tmp_path / "g.npz", {"samples": 4})
+    assert list(loaded) == [5] and abs(loaded[5] - grids[5]).max() <= 0.5 / 255 + 1e-7
+    assert load_sample_grids(tmp_path / "g.npz", {"samples": 8}) == {}
+    assert load_sample_grids(tmp_path / "missing.npz", {"samples": 4}) == {}
+
+
+def test_device_helpers_and_the_dip_code_are_written_once():
+    """CUDA synchronise, the model-device lookup and make_code live in one place each."""
+    from pathlib import Path
+
+    from dipddpm.dip import make_code
+    from dipddpm.runtime import model_device
+
+    package = Path(__file__).resolve().parents[1] / "dipddpm"
+    sources = {p: p.read_text() for p in package.rglob("*.py")}
+    assert [p.name for p, text in sources.items() if "torch.cuda.synchronize(" in text] == ["runtime.py"]
+    assert [p.name for p, text in sources.items() if "def make_code(" in text] == ["dip.py"]
+    assert not [p.name for p, text in sources.items() if "def _model_device" in text or "def _device_of" in text
+                or "def _resolve_device" in text]
+    holder = nn.Module()
+    holder.register_buffer("b", torch.zeros(1))
+    assert model_device(holder) == torch.device("cpu") == model_device(nn.Module())
+    code = make_code(2, (3, 4), "gaussian", 2.0, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(code, 2.0 * torch.randn((1, 2, 3, 4), generator=torch.Generator().manual_seed(0)))
+    assert make_code(1, 5, "uniform", 0.1, torch.Generator(), "cpu").shape == (1, 1, 5, 5)

@@ -12,7 +12,7 @@ from dipddpm.models import build_backbone, check_size, size_requirement
 from dipddpm.models import unet_ln, unet_res
 from dipddpm.models.embeddings import batch_timesteps, sinusoidal_embedding
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
+CONF = Path(__file__).resolve().parents[1] / "conf" / "eps_net"
 SMALL = {"unet_res": {"channels": [8, 16, 16], "emb_dim": 32}, "unet_ln": {"channels": [4, 6, 8], "emb_dim": 16}}
 
 

@@ -16,11 +16,11 @@ from conftest import composed
 from omegaconf import OmegaConf
 from torch import nn
 
-from dipddpm.diffusion import ancestral_sample
+from dipddpm.diffusion import chain_timesteps, sample, sample_options
+from dipddpm.diffusion.schedule import linear_schedule
 from dipddpm.errors import ConfigError
 from dipddpm.methods import diffusion_common as common
 from dipddpm.methods import ddpm_dipnoise, ddpm_single
-from dipddpm.schedulers import linear_schedule
 from dipddpm.sweep import config_dir
 
 # Reverse chains are shortened 100x under smoke (conf/profile/smoke.yaml's sample_step_scale;
@@ -149,7 +149,7 @@ def test_zero_passes_is_plain_ddpm_with_the_same_generator():
     model = CountingEps()
     ours = ddpm_dipnoise.sample_with_dip(model, schedule, 3, 20, dip=tiny_dip(), passes=0, dip_size=8, side=4,
                                          generator=torch.Generator().manual_seed(5))
-    plain = ancestral_sample(model, schedule, (3, 1, 4, 4), t_start=19, generator=torch.Generator().manual_seed(5))
+    plain = sample(model, schedule, (3, 1, 4, 4), t_start=19, generator=torch.Generator().manual_seed(5))
     assert torch.equal(ours.samples, plain.samples)
     with_dip = ddpm_dipnoise.sample_with_dip(model, schedule, 3, 20, dip=tiny_dip(), passes=2, dip_size=8, side=4,
                                              generator=torch.Generator().manual_seed(5))
@@ -187,13 +187,19 @@ def test_sample_grid_layout():
 
 
 @pytest.mark.parametrize("module,overrides,key", [
-    (ddpm_single, ["experiment=truncated/dip_vs_clean", "backbone=skip"], "backbone.name"),
+    (ddpm_single, ["experiment=truncated/dip_vs_clean", "eps_net.name=skip"], "eps_net.name"),
+    (ddpm_single, ["method=ddpm_single", "data=digit"], "eps_net"),
+    (ddpm_single, ["experiment=truncated/dip_vs_clean", "method.sample.noise_until=-1"], "method.sample.noise_until"),
+    (ddpm_single, ["experiment=truncated/dip_vs_clean", "method.sample.calls=502"], "method.sample.calls"),
+    (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "method.sample.sampler=plms"], "method.sample.sampler"),
+    (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "method.steps=500", "method.sample.t_start=400"],
+     "method.sample.t_start"),
     (ddpm_single, ["experiment=truncated/dip_vs_clean", "data=mnist"], "data"),
     (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "data=digit"], "data"),
     (ddpm_single, ["experiment=truncated/dip_vs_clean", "method.x0_source=noisy"], "method.x0_source"),
     (ddpm_single, ["experiment=truncated/dip_vs_clean", "method.train.t_max=0"], "method.train.t_max"),
     (ddpm_single, ["experiment=truncated/dip_vs_clean", "profile.num_samples=1"], "profile.num_samples"),
-    (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "backbone.image_size=32"], "backbone.image_size"),
+    (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "eps_net.image_size=32"], "eps_net.image_size"),
     (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "method.steps=1001"], "method.steps"),
     (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "method.dip_bn_mode=frozen"], "method.dip_bn_mode"),
     (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "method.dip.size=30"], "method.dip.size"),
@@ -212,7 +218,7 @@ def test_experiment_configs_are_valid_and_describe_their_plan():
     dip_steps = common.profile_steps(cfg.profile, cfg.method.dip.steps)
     assert plan == {"x0_source": "dip", "dip_steps": dip_steps, "train_iterations": 300, "t_max": 500,
                     "num_timesteps": 501, "t_start": 500, "model_calls": 501, "num_samples": 32}
-    assert cfg.method.dip_backbone.hidden == [64, 64, 1] and cfg.backbone.name == "unet_res"
+    assert cfg.backbone.hidden == [64, 64, 1] and cfg.eps_net.name == "unet_res"
     cfg = composed("experiment=dipnoise/time_vs_steps", "profile=quick", "method.steps=300")
     ddpm_dipnoise.validate(cfg)
     _, plan = ddpm_dipnoise.describe(cfg)
@@ -220,3 +226,43 @@ def test_experiment_configs_are_valid_and_describe_their_plan():
     assert plan["dip_steps"] == common.profile_steps(cfg.profile, cfg.method.dip.steps)
     assert ddpm_single.clean_image_uses(composed("experiment=truncated/dip_vs_clean", "method.x0_source=clean"))
     assert not ddpm_single.clean_image_uses(composed("experiment=truncated/dip_vs_clean"))
+
+
+def test_r3_experiments_add_no_noise_at_t_1_and_the_default_only_at_t_0():
+    """R3's code drew z only for t > 1 (method.sample.noise_until: 1 in truncated/*); the method's
+    default is the standard DDPM rule (noise for t > 0)."""
+    r3 = {name: composed(f"experiment=truncated/{name}") for name in ("dip_vs_clean", "schedule_length")}
+    assert all(sample_options(cfg.method.sample)["noise_until"] == 1 for cfg in r3.values())
+    assert composed("method=ddpm_single").method.sample.noise_until == 0
+    schedule = linear_schedule(10, 1e-4, 0.02)
+    for until in (sample_options(r3["dip_vs_clean"].method.sample)["noise_until"], 0):
+        draws = []
+        sample(CountingEps(), schedule, (1, 1, 4, 4), t_start=4, noise_until=until,
+               noise_fn=lambda shape: draws.append(shape) or torch.zeros(shape))
+        assert len(draws) == 1 + 4 - until  # x_T, then one z at each t = 4 .. until + 1
+        start = torch.full((2, 1, 4, 4), 0.3)
+        last = [sample(CountingEps(), schedule, start, t_start=until, noise_until=until,
+                       generator=torch.Generator().manual_seed(seed)).samples for seed in (0, 1)]
+        assert torch.equal(last[0], last[1])  # the steps t <= until draw nothing
+        one_more = [sample(CountingEps(), schedule, start, t_start=until + 1, noise_until=until,
+                           generator=torch.Generator().manual_seed(seed)).samples for seed in (0, 1)]
+        assert not torch.equal(one_more[0], one_more[1])
+
+
+def test_r4_can_run_ddim_over_the_whole_chain_in_its_steps():
+    """method.sample.sampler=ddim with t_start=T-1: DDIM at R4's number of network calls."""
+    cfg = composed("experiment=dipnoise/time_vs_steps", "profile=quick", "method.steps=100",
+                   "method.sample.sampler=ddim", "method.sample.t_start=999")
+    ddpm_dipnoise.validate(cfg)
+    _, plan = ddpm_dipnoise.describe(cfg)
+    assert plan["chain_steps"] == 100 and plan["t_start"] == 999 and plan["sampler"] == "ddim"
+    schedule = linear_schedule(50, 1e-4, 0.02)
+    model = CountingEps()
+    seen = []
+    model.forward = lambda x, t, f=model.forward: seen.append(int(t[0])) or f(x, t)
+    ours = ddpm_dipnoise.sample_with_dip(model, schedule, 2, 7, passes=0, side=4, t_start=49,
+                                         generator=torch.Generator().manual_seed(3), **sample_options(cfg.method.sample))
+    assert ours.model_calls == 7 and seen == chain_timesteps(49, 7) == [49, 41, 33, 24, 16, 8, 0]
+    plain = sample(CountingEps(), schedule, (2, 1, 4, 4), sampler="ddim", t_start=49, calls=7,
+                   generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ours.samples, plain.samples)

@@ -8,15 +8,19 @@ import numpy as np
 import pytest
 import torch
 from conftest import composed
+from fixtures import write_cifar_batch
 from omegaconf import OmegaConf, open_dict
 from torch import nn
 
 from dipddpm.data import cifar
-from dipddpm.diffusion import ancestral_sample, train_eps
+from dipddpm.diffusion import chain_timesteps, sample, train_eps
+from dipddpm.diffusion.schedule import linear_schedule
+from dipddpm.dip import make_code
 from dipddpm.errors import ConfigError
 from dipddpm.methods import ddpm_dataset
-from dipddpm.models import backbone_for_profile, build_backbone, size_requirement, unet_wide
-from dipddpm.schedulers import linear_schedule
+from dipddpm.methods.dip_noise import DipNoise
+from dipddpm.models import build_backbone, size_requirement, unet_wide
+from dipddpm.profile import apply_profile, preset_merged
 from dipddpm.sweep import config_dir
 
 CONF = config_dir()
@@ -44,17 +48,17 @@ def test_unet_wide_shapes_and_time_conditioning():
 
 
 def test_unet_wide_config_defaults_groups_and_profiles():
-    cfg = OmegaConf.load(CONF / "backbone" / "unet_wide.yaml")
+    cfg = OmegaConf.load(CONF / "eps_net" / "unet_wide.yaml")
     assert {k: cfg[k] for k in unet_wide.DEFAULTS} == unet_wide.DEFAULTS
     assert size_requirement(cfg) == (16, 16)
     assert unet_wide.group_count(128, 32) == 32 and unet_wide.group_count(256, 32) == 32
     assert unet_wide.group_count(8, 32) == 2 and unet_wide.group_count(48, 32) == 12
     assert unet_wide.group_count(3, 32) == 1 and unet_wide.group_count(64, 4) == 4
-    quick = backbone_for_profile(cfg, "quick")
-    assert quick.base_channels == 16 and "at_profile" not in quick
-    assert backbone_for_profile(cfg, "faithful").base_channels == 128
+    quick = preset_merged(OmegaConf.to_container(cfg), "eps_net", "quick")
+    assert quick["base_channels"] == 16 and "at_profile" not in quick
+    assert preset_merged(OmegaConf.to_container(cfg), "eps_net", "faithful")["base_channels"] == 128
     with pytest.raises(ConfigError):
-        backbone_for_profile(OmegaConf.merge(cfg, {"at_profile": {"quick": {"width": 3}}}), "quick")
+        preset_merged(OmegaConf.to_container(cfg) | {"at_profile": {"quick": {"width": 3}}}, "eps_net", "quick")
     for key, value in (("attention_heads", 3), ("dropout", 1.0), ("channel_mults", []), ("num_res_blocks", 0)):
         with pytest.raises(ConfigError) as error:
             unet_wide.build(OmegaConf.create({**TINY_UNET, key: value}), 3, 3)
@@ -69,9 +73,9 @@ def test_cifar_loader_reads_python_batches(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     train = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     test = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    cifar.write_cifar_batch(folder / "data_batch_1", train[:3], [0, 1, 2])
-    cifar.write_cifar_batch(folder / "data_batch_2", train[3:], [3, 9])
-    cifar.write_cifar_batch(folder / "test_batch", test, [4, 5, 6])
+    write_cifar_batch(folder / "data_batch_1", train[:3], [0, 1, 2])
+    write_cifar_batch(folder / "data_batch_2", train[3:], [3, 9])
+    write_cifar_batch(folder / "test_batch", test, [4, 5, 6])
     for root in (tmp_path, folder):
         cfg = OmegaConf.create({"name": "cifar10", "root": str(root), "limit": None})
         loaded = cifar.load_dataset(cfg, "train")
@@ -116,8 +120,7 @@ def test_patches32_is_deterministic_in_range_and_split():
 def dip_noise():
     torch.manual_seed(0)
     net = build_backbone(OmegaConf.create(TINY_SKIP), 4, 3)
-    return ddpm_dataset.DipNoise(net, 4, "uniform", 0.1, "bank", 6, "standardize",
-                                 torch.Generator().manual_seed(1), "cpu")
+    return DipNoise(net, 4, "uniform", 0.1, "bank", 6, "standardize", torch.Generator().manual_seed(1), "cpu")
 
 
 def in_bank(noise, bank):
@@ -194,37 +197,62 @@ def test_only_replace_noise_changes_sampling_noise(dip_noise):
         draws.append(noise_fn(shape))
         return draws[-1]
 
-    ancestral_sample(ZeroEps(), schedule, (3, 3, 32, 32), noise_fn=spy,
+    sample(ZeroEps(), schedule, (3, 3, 32, 32), noise_fn=spy,
                      callback=lambda t, x, x0: starts.append(x.clone()) if t == 5 else None)
     assert len(draws) == 6 and all(d.shape == (3, 3, 32, 32) and in_bank(d, dip_noise.bank) for d in draws)
     assert torch.equal(starts[0], draws[0])
 
 
 def test_per_batch_draw_shares_one_fresh_output(dip_noise):
-    per_batch = ddpm_dataset.DipNoise(dip_noise.net, 4, "uniform", 0.1, "per_batch", 0, "raw",
-                                      torch.Generator(), "cpu")
+    per_batch = DipNoise(dip_noise.net, 4, "uniform", 0.1, "per_batch", 0, "raw", torch.Generator(), "cpu")
     generator = torch.Generator().manual_seed(0)
     first, second = per_batch.draw(3, generator), per_batch.draw(3, generator)
     assert torch.equal(first[0], first[2]) and not torch.equal(first[0], second[0])
     assert first.min() >= 0 and first.max() <= 1
 
 
+def test_r5_experiment_feeds_idea_1_the_raw_dip_output_for_a_fresh_code_per_call(dip_noise):
+    """R5's idea 1 used DIP(z) as it is (in [0, 1], non-zero mean) for a fresh z per call: the
+    experiment sets that for replace_noise; idea 2 and the method's default keep the standardised bank."""
+    configs = {mode: composed("experiment=dip_in_ddpm/ideas", "profile=smoke", f"method.dip_mode={mode}",
+                              "method.dip.code_channels=4") for mode in ("replace_noise", "target")}
+    assert composed("method=ddpm_dataset").method.noise.output_map == "standardize"
+    idea1 = DipNoise.from_config(dip_noise.net, configs["replace_noise"].method.dip,
+                                 configs["replace_noise"].method.noise, torch.Generator(), "cpu")
+    assert idea1.bank is None
+    generator = torch.Generator().manual_seed(7)
+    first = idea1.draw(3, generator)
+    second = idea1.draw(3, generator)
+    replay = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        expected = [dip_noise.net.train()(make_code(4, 32, "uniform", 0.1, replay, "cpu")) for _ in range(2)]
+    assert torch.equal(first, expected[0].expand(3, -1, -1, -1))
+    assert torch.equal(second, expected[1].expand(3, -1, -1, -1))
+    assert first.min() >= 0 and first.max() <= 1 and float(first.mean()) > 0.1
+    idea2 = DipNoise.from_config(dip_noise.net, configs["target"].method.dip, configs["target"].method.noise,
+                                 torch.Generator().manual_seed(1), "cpu")
+    assert idea2.bank.shape[0] == configs["target"].method.noise.bank_size
+    assert torch.allclose(idea2.bank.flatten(1).mean(1), torch.zeros(len(idea2.bank)), atol=1e-4)
+
+
 def test_respaced_chain_keeps_the_marginals():
     schedule = linear_schedule(100, 1e-4, 0.01)
-    short, timesteps = ddpm_dataset.respaced_chain(schedule, 5)
+    timesteps = sorted(chain_timesteps(99, 5))
+    short = schedule.respaced(timesteps)
     assert timesteps == [0, 25, 50, 74, 99]
     assert torch.allclose(short.alphas_cumprod, schedule.alphas_cumprod[timesteps])
-    full, all_steps = ddpm_dataset.respaced_chain(schedule, 100)
+    all_steps = sorted(chain_timesteps(99, 100))
+    full = schedule.respaced(all_steps)
     assert all_steps == list(range(100)) and torch.allclose(full.betas, schedule.betas)
 
 
 def test_sampler_tracks_the_unclipped_x0_on_a_respaced_chain():
-    cfg = OmegaConf.create({"method": {"sample": {"variance": "beta", "clip_x0": True}}})
+    cfg = OmegaConf.create({"method": {"dip_mode": "none", "sample": {"variance": "beta", "clip_x0": True}}})
     schedule = linear_schedule(50, 1e-2, 0.2)
-    sampler = ddpm_dataset.Sampler(cfg, schedule, 5, "none", None, "cpu")
     model = ZeroEps()
     seen = []
-    result = sampler(model, 2, torch.Generator().manual_seed(0), callback=lambda t, x, x0: seen.append((t, x, x0)))
+    result = ddpm_dataset.sample_chain(model, cfg, schedule, 2, 5, None, torch.Generator().manual_seed(0), "cpu",
+                                       callback=lambda t, x, x0: seen.append((t, x, x0)))
     assert [t for t, _, _ in seen] == [49, 37, 24, 12, 0] and result.model_calls == 5
     assert [int(t[0]) for _, t in model.seen] == [49, 37, 24, 12, 0]
     t, x_t, x0 = seen[0]
@@ -248,20 +276,20 @@ def test_rd_rows_and_nearest_reference():
     (["method.dip_mode=target", "method.noise.output_map=clip"], "method.noise.output_map"),
     (["method.dip_mode=target", "method.noise.draw=per_sample"], "method.noise.draw"),
     (["method.eval.reference=mean"], "method.eval.reference"),
-    (["method.sample.steps=1001"], "method.sample.steps"),
+    (["method.sample.calls=1001"], "method.sample.calls"),
+    (["method.sample.sampler=plms"], "method.sample.sampler"),
     (["method.eval.reference_index=999999"], "method.eval.reference_index"),
     (["data=cifar10"], "data.root"),
-    (["backbone=skip"], "backbone.name"),
+    (["eps_net.name=skip"], "eps_net.name"),
 ])
 def test_bad_config_is_a_config_error(overrides, key):
-    cfg = composed("experiment=dip_in_ddpm/ideas", "profile=smoke", *overrides)
     with pytest.raises(ConfigError) as error:
-        ddpm_dataset.validate(cfg)
+        ddpm_dataset.validate(apply_profile(composed("experiment=dip_in_ddpm/ideas", "profile=smoke", *overrides)))
     assert error.value.key == key
 
 
 def test_experiment_sets_r5_schedule_per_run():
-    configs = {mode: composed("experiment=dip_in_ddpm/ideas", "profile=quick", f"method.dip_mode={mode}")
+    configs = {mode: apply_profile(composed("experiment=dip_in_ddpm/ideas", "profile=quick", f"method.dip_mode={mode}"))
                for mode in ddpm_dataset.DIP_MODES}
     plans = {mode: ddpm_dataset.plan(cfg) for mode, cfg in configs.items()}
     profile = configs["none"].profile
@@ -272,13 +300,13 @@ def test_experiment_sets_r5_schedule_per_run():
     assert plans["none"]["chain_steps"] == max(profile.min_steps, round(1000 * profile.step_scale))
     assert plans["none"]["lr"] == 2e-3
     faithful = composed("experiment=dip_in_ddpm/ideas", "profile=faithful")
-    assert ddpm_dataset.plan(faithful)["lr"] == 2e-4
-    assert ddpm_dataset.effective_config(faithful).backbone.base_channels == 128
-    assert ddpm_dataset.effective_config(configs["none"]).backbone.base_channels == 16
+    assert ddpm_dataset.plan(apply_profile(faithful))["lr"] == 2e-4
+    assert apply_profile(faithful).eps_net.base_channels == 128
+    assert configs["none"].eps_net.base_channels == 16
     with open_dict(faithful):
         faithful.method.at_profile.faithful = {"train": {"learning_rate": 1.0}}
     with pytest.raises(ConfigError) as error:
-        ddpm_dataset.validate(faithful)
+        apply_profile(faithful)
     assert error.value.key == "method.at_profile.faithful"
     per_epoch = plans["none"]["iterations_per_epoch"]
     assert plans["none"]["grid_iterations"] == list(range(5 * per_epoch, plans["none"]["train_iterations"],

@@ -1,18 +1,38 @@
-"""The diffusion core shared by every DDPM method: training, samplers, checkpoint cache."""
+"""The diffusion core shared by every DDPM method: schedules and their formulas, training,
+samplers (ancestral | ddim, respaced to any number of network calls), checkpoint cache."""
 
-from dipddpm.diffusion.checkpoints import checkpoint_key, load_or_train, load_or_train_with_info
-from dipddpm.diffusion.sampling import SampleResult, ancestral_sample, ddim_sample, ddim_timesteps, predict_x0
+from dipddpm.diffusion.checkpoints import (
+    checkpoint_key,
+    load_or_train_with_info,
+    load_sample_grids,
+    save_sample_grids,
+)
+from dipddpm.diffusion.sampling import (
+    SAMPLERS,
+    SampleResult,
+    Sampler,
+    chain_timesteps,
+    sample,
+    sample_options,
+    validate_sample_config,
+)
+from dipddpm.diffusion.schedule import NoiseSchedule, build_schedule
 from dipddpm.diffusion.training import TrainResult, train_eps
 
 __all__ = [
+    "SAMPLERS",
+    "NoiseSchedule",
     "SampleResult",
+    "Sampler",
     "TrainResult",
-    "ancestral_sample",
+    "build_schedule",
+    "chain_timesteps",
     "checkpoint_key",
-    "ddim_sample",
-    "ddim_timesteps",
-    "load_or_train",
     "load_or_train_with_info",
-    "predict_x0",
+    "load_sample_grids",
+    "sample",
+    "sample_options",
+    "save_sample_grids",
     "train_eps",
+    "validate_sample_config",
 ]

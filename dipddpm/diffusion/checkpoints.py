@@ -20,21 +20,22 @@ import torch
 from torch import nn
 
 from dipddpm.io import write_bytes_atomic, write_json_atomic
+from dipddpm.runtime import model_device
 
 
-def _plain(obj):
+def plain(obj):
     """Config objects (OmegaConf, numpy, paths, tuples) -> plain JSON-able values."""
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
 
         if isinstance(obj, (DictConfig, ListConfig)):
-            return _plain(OmegaConf.to_container(obj, resolve=True))
+            return plain(OmegaConf.to_container(obj, resolve=True))
     except ImportError:
         pass
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [plain(v) for v in obj]
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, Path):
@@ -44,7 +45,7 @@ def _plain(obj):
 
 def canonical_json(config) -> str:
     """Sorted-key, compact JSON of a config (dict or OmegaConf)."""
-    return json.dumps(_plain(config), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return json.dumps(plain(config), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def checkpoint_key(train_config) -> str:
@@ -65,29 +66,25 @@ def _save_atomic(path: Path, payload) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 def load_or_train_with_info(
     cache_dir,
     key_config,
     build_model: Callable[[], nn.Module],
     train_fn: Callable[[nn.Module], tuple[nn.Module, dict]],
 ) -> tuple[nn.Module, bool, dict]:
-    """Like :func:`load_or_train`, but train_fn returns (model, info) with a JSON-able info
-    dict (e.g. final loss, seconds) that is stored and returned again on a cache hit.
+    """Load ``cache_dir/<checkpoint_key(key_config)>.pt`` into ``build_model()``, or train it.
 
-    Returns (model, trained_now, info).
+    On a miss, ``train_fn(build_model())`` returns (trained model, info) with a JSON-able
+    info dict (e.g. final loss, seconds); the state dict is stored with ``<key>.json``
+    holding key_config and info, which a later hit returns again. build_model must build
+    the same architecture every time. Returns (model, trained_now, info).
     """
     weights, meta = checkpoint_paths(cache_dir, key_config)
     key = weights.stem
     if weights.exists():
         model = build_model()
         try:
-            payload = torch.load(weights, map_location=_device_of(model), weights_only=True)
+            payload = torch.load(weights, map_location=model_device(model), weights_only=True)
             if payload.get("key") != key:
                 raise ValueError("checkpoint key does not match its file name")
             model.load_state_dict(payload["state_dict"])
@@ -101,24 +98,31 @@ def load_or_train_with_info(
     model, info = train_fn(build_model())
     info = dict(info or {})
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    write_json_atomic(meta, {"key": key, "config": _plain(key_config), "info": info})
+    write_json_atomic(meta, {"key": key, "config": plain(key_config), "info": info})
     _save_atomic(weights, {"key": key, "state_dict": state})
     return model, True, info
 
 
-def load_or_train(
-    cache_dir,
-    key_config,
-    build_model: Callable[[], nn.Module],
-    train_fn: Callable[[nn.Module], nn.Module],
-) -> tuple[nn.Module, bool]:
-    """Load ``cache_dir/<checkpoint_key(key_config)>.pt`` into ``build_model()``, or train.
 
-    On a miss, ``train_fn(build_model())`` returns the trained module, whose state dict
-    is stored (with ``<key>.json`` holding key_config). build_model must build the same
-    architecture every time. Returns (model, trained_now).
-    """
-    model, trained_now, _ = load_or_train_with_info(
-        cache_dir, key_config, build_model, lambda m: (train_fn(m), {})
-    )
-    return model, trained_now
+def save_sample_grids(path, grids: dict, settings: dict) -> None:
+    """Store sample grids {epoch: HxWxC array in [0, 1]} as uint8 beside a cached network,
+    with the settings that drew them (a later run shows them only for the same settings)."""
+    buffer = io.BytesIO()
+    epochs = sorted(grids)
+    arrays = [np.round(grids[e] * 255).astype(np.uint8) for e in epochs]
+    np.savez(buffer, epochs=np.asarray(epochs, dtype=np.int64),
+             settings=np.asarray(json.dumps(settings, sort_keys=True)),
+             grids=np.stack(arrays) if arrays else np.zeros((0, 1, 1, 3), np.uint8))
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def load_sample_grids(path, settings: dict) -> dict:
+    """The grids stored at ``path`` ({epoch: float32 array in [0, 1]}) if they were drawn
+    with ``settings``, else {}."""
+    try:
+        with np.load(path) as stored:
+            if str(stored["settings"]) != json.dumps(settings, sort_keys=True):
+                return {}
+            return {int(e): g.astype(np.float32) / 255.0 for e, g in zip(stored["epochs"], stored["grids"])}
+    except (OSError, ValueError, KeyError):
+        return {}

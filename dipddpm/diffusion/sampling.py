@@ -1,9 +1,16 @@
-"""Reverse-process samplers for eps-prediction models: ancestral DDPM and DDIM.
+"""Reverse-process samplers for eps-prediction models: ancestral DDPM and DDIM, one chain loop.
 
-Timesteps are 0-indexed as in ``dipddpm.schedulers``: the chain starts at some
-``t_start <= T - 1`` and the model is called once per visited timestep. Schedule
-coefficients are float64 on the host; they are applied to the sample in its dtype.
-Both samplers switch the model to eval mode for the run and restore its mode after.
+As in diffusers' schedulers, a :class:`Sampler` first sets the timesteps it visits
+(``set_timesteps``: ``calls`` of them, evenly spaced from ``t_start`` down to 0), then
+``step`` turns the model's eps at one of them into the next sample. A chain that skips
+timesteps runs on the respaced schedule (``NoiseSchedule.respaced``), so the ancestral
+sampler works at any number of network calls, like DDIM. :func:`sample` builds the sampler
+a method's config asks for and runs the chain.
+
+Timesteps are 0-indexed as in ``dipddpm.diffusion.schedule``. Schedule coefficients are
+Python floats (float64) applied to the sample in its dtype. The chain switches the model to
+eval mode and restores its mode after; equation numbers are Ho et al. 2020 (DDPM) and
+Song et al. 2021 (DDIM).
 """
 
 from __future__ import annotations
@@ -17,44 +24,29 @@ import torch
 from torch import nn
 
 from dipddpm.errors import require, require_choice
+from dipddpm.runtime import model_device, synchronize
 
+SAMPLERS = ("ancestral", "ddim")
 VARIANCES = ("beta", "posterior")
+SAMPLE_KEYS = ("sampler", "eta", "variance", "noise_until")
 
 
 @dataclass
 class SampleResult:
     """samples: (B, C, H, W) tensor; seconds: wall time (cuda-synchronised);
-    model_calls: number of network evaluations. Unpacks as (samples, seconds)."""
+    model_calls: number of network evaluations."""
 
     samples: torch.Tensor
     seconds: float
     model_calls: int
 
-    def __iter__(self):
-        return iter((self.samples, self.seconds))
 
-
-def predict_x0(schedule, x_t: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
-    """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); t an int or a (B,) LongTensor."""
-    abar = schedule.alphas_cumprod
-    if isinstance(t, torch.Tensor) and t.numel() > 1:
-        a = abar.to(x_t.device)[t.to(x_t.device).long()].to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))
-        return (x_t - torch.sqrt(1 - a) * eps) / torch.sqrt(a)
-    a = float(abar[int(t)])
-    return (x_t - (1.0 - a) ** 0.5 * eps) / a**0.5
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _resolve_device(model: nn.Module, device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
+def chain_timesteps(t_start: int, calls: int) -> list[int]:
+    """``calls`` timesteps evenly spaced from t_start down to 0, descending: the rounded
+    values of linspace(0, t_start, calls) without repeats ([t_start] for one call)."""
+    if calls == 1:
+        return [int(t_start)]
+    return sorted({int(v) for v in np.round(np.linspace(0, t_start, int(calls)))}, reverse=True)
 
 
 def _gaussian(shape, generator, device) -> torch.Tensor:
@@ -72,13 +64,8 @@ def _clip_range(clip_x0):
     return (float(low), float(high))
 
 
-def _start(shape_or_x, device, generator, noise_fn):
-    if isinstance(shape_or_x, torch.Tensor):
-        return shape_or_x.to(device=device, dtype=torch.float32).clone()
-    shape = tuple(int(s) for s in shape_or_x)
-    if noise_fn is not None:
-        return noise_fn(shape).to(device=device, dtype=torch.float32)
-    return _gaussian(shape, generator, device)
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 class _EvalMode:
@@ -92,138 +79,154 @@ class _EvalMode:
         self.model.train(self.was_training)
 
 
-def _check_t_start(schedule, t_start) -> int:
-    top = schedule.num_timesteps - 1
-    t_start = top if t_start is None else t_start
-    require(isinstance(t_start, (int, np.integer)) and 0 <= t_start <= top, "t_start", t_start,
-            f"null or an integer in 0..{top}")
-    return int(t_start)
+class Sampler:
+    """One reverse chain of ``kind`` ancestral | ddim over a NoiseSchedule.
 
-
-@torch.no_grad()
-def ancestral_sample(
-    model: nn.Module,
-    schedule,
-    shape_or_x,
-    *,
-    t_start: int | None = None,
-    variance: str = "beta",
-    generator: torch.Generator | None = None,
-    device=None,
-    noise_fn: Callable[[tuple], torch.Tensor] | None = None,
-    clip_x0=False,
-    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-) -> SampleResult:
-    """DDPM ancestral sampling from t_start (default T-1) down to 0: t_start + 1 model calls.
-
-    shape_or_x: a shape (B, C, H, W) to start from noise (noise_fn(shape) if given, else
-    N(0, I)), or the starting tensor x_{t_start} itself. Each step computes
-    eps = model(x_t, t) and mean = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t),
-    then adds sigma_t z for t > 0 with sigma_t^2 = beta_t ("beta") or the posterior
-    variance ("posterior"); z = noise_fn(shape) if given, else N(0, I). With clip_x0
-    (True = [-1, 1], or a (low, high) pair) the predicted x0 is clipped and the mean is
-    the posterior mean given that x0. callback(t, x_t, x0_pred) is called at every step.
-    Returns SampleResult(samples x_0, seconds, model_calls).
+    variance (ancestral): sigma_t^2 = beta_t ("beta") or the posterior variance. eta (ddim):
+    0 is deterministic, 1 has the ancestral chain's posterior variance. noise_until: noise is
+    added only at steps with t > noise_until (0: every step but the last, the standard rule).
+    clip_x0: clip the predicted x0 (True = [-1, 1], or a (low, high) pair) before the update.
     """
-    require_choice("variance", variance, VARIANCES)
-    t_start = _check_t_start(schedule, t_start)
-    device = _resolve_device(model, device)
-    clip = _clip_range(clip_x0)
-    betas = schedule.betas.cpu().tolist()
-    alphas = schedule.alphas.cpu().tolist()
-    abar = schedule.alphas_cumprod.cpu().tolist()
-    abar_prev = schedule.alphas_cumprod_prev.cpu().tolist()
-    sigmas2 = betas if variance == "beta" else schedule.posterior_variance.cpu().tolist()
-    calls = 0
-    with _EvalMode(model):
-        _synchronize(device)
-        start = time.perf_counter()
-        x = _start(shape_or_x, device, generator, noise_fn)
-        batch = x.shape[0]
-        for t in range(t_start, -1, -1):
-            t_batch = torch.full((batch,), t, dtype=torch.long, device=device)
-            eps = model(x, t_batch)
-            calls += 1
-            x0_pred = None
-            if clip is not None or callback is not None:
-                x0_pred = (x - (1.0 - abar[t]) ** 0.5 * eps) / abar[t] ** 0.5
-                if clip is not None:
-                    x0_pred = x0_pred.clamp(*clip)
-            if callback is not None:
-                callback(t, x, x0_pred)
-            if clip is None:
-                mean = (x - betas[t] / (1.0 - abar[t]) ** 0.5 * eps) / alphas[t] ** 0.5
+
+    def __init__(self, schedule, kind: str = "ancestral", *, variance: str = "beta", eta: float = 0.0,
+                 noise_until: int = 0, clip_x0=False):
+        require_choice("sampler", kind, SAMPLERS)
+        require_choice("variance", variance, VARIANCES)
+        require(isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta >= 0, "eta", eta, "a number >= 0")
+        require(_is_int(noise_until) and noise_until >= 0, "noise_until", noise_until, "an integer >= 0")
+        self.schedule, self.kind, self.variance = schedule, kind, variance
+        self.eta, self.noise_until, self.clip = float(eta), int(noise_until), _clip_range(clip_x0)
+        self.set_timesteps()
+
+    def set_timesteps(self, calls: int | None = None, t_start: int | None = None) -> list[int]:
+        """Visit ``calls`` timesteps (default t_start + 1: all of them) from ``t_start``
+        (default T - 1) down to 0; returns them, descending."""
+        top = self.schedule.num_timesteps - 1
+        t_start = top if t_start is None else t_start
+        require(_is_int(t_start) and 0 <= t_start <= top, "t_start", t_start, f"null or an integer in 0..{top}")
+        calls = int(t_start) + 1 if calls is None else calls
+        require(_is_int(calls) and 1 <= calls <= t_start + 1, "calls", calls, f"an integer in 1..{t_start + 1}")
+        self.timesteps = chain_timesteps(int(t_start), int(calls))
+        if self.kind == "ancestral":  # the chain's own schedule: index i is the i-th visited timestep from 0
+            self.chain = self.schedule.respaced(sorted(self.timesteps))
+            self._index = {t: i for i, t in enumerate(sorted(self.timesteps))}
+        else:  # DDIM jumps between timesteps of the schedule itself
+            self.chain, self._index = self.schedule, {t: t for t in self.timesteps}
+        return self.timesteps
+
+    def adds_noise(self, position: int) -> bool:
+        """Whether the step at ``position`` (0 = first visited timestep) draws a z."""
+        t = self.timesteps[position]
+        if t <= self.noise_until:
+            return False
+        if self.kind == "ancestral":
+            return True
+        return self._ddim_sigma(position) > 0
+
+    def _abar_next(self, position: int) -> float:
+        """abar at the next visited timestep (1.0 after the last)."""
+        nxt = position + 1
+        return self.schedule.host("alphas_cumprod")[self.timesteps[nxt]] if nxt < len(self.timesteps) else 1.0
+
+    def _ddim_sigma(self, position: int) -> float:
+        # DDIM eq. 16: sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)
+        a_t, a_s = self.schedule.host("alphas_cumprod")[self.timesteps[position]], self._abar_next(position)
+        return self.eta * ((1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s)) ** 0.5
+
+    def step(self, eps: torch.Tensor, position: int, x: torch.Tensor, z: torch.Tensor | None,
+             want_x0: bool = True):
+        """(x at the next visited timestep, predicted x0 before clipping) from the model's
+        ``eps`` at the step ``position`` of the chain and ``z`` (None when no noise is added).
+        The plain ancestral step does not need x0: with want_x0 False it is not computed (None)."""
+        i = self._index[self.timesteps[position]]
+        raw_x0 = x0 = None
+        if want_x0 or self.clip is not None or self.kind == "ddim":
+            raw_x0 = self.chain.predict_x0(x, i, eps)
+            x0 = raw_x0 if self.clip is None else raw_x0.clamp(*self.clip)
+        if self.kind == "ancestral":
+            beta, alpha = self.chain.host("betas")[i], self.chain.host("alphas")[i]
+            abar = self.chain.host("alphas_cumprod")[i]
+            if self.clip is None:
+                # eq. 11: mu = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)
+                mean = (x - beta / (1.0 - abar) ** 0.5 * eps) / alpha**0.5
             else:
-                coef_x0 = betas[t] * abar_prev[t] ** 0.5 / (1.0 - abar[t])
-                coef_xt = (1.0 - abar_prev[t]) * alphas[t] ** 0.5 / (1.0 - abar[t])
-                mean = coef_x0 * x0_pred + coef_xt * x
-            if t > 0:
-                z = noise_fn(tuple(x.shape)).to(device) if noise_fn is not None else _gaussian(x.shape, generator, device)
-                x = mean + sigmas2[t] ** 0.5 * z
+                # eq. 7: the posterior mean given the clipped x0
+                coef_x0, coef_xt = self.chain.posterior_mean_coefficients(i)
+                mean = coef_x0 * x0 + coef_xt * x
+            if z is None:
+                return mean, raw_x0
+            sigma2 = beta if self.variance == "beta" else self.chain.host("posterior_variance")[i]
+            return mean + sigma2**0.5 * z, raw_x0
+        a_t, a_s = self.chain.host("alphas_cumprod")[i], self._abar_next(position)
+        if self.clip is not None:
+            eps = (x - a_t**0.5 * x0) / (1.0 - a_t) ** 0.5
+        sigma = self._ddim_sigma(position)
+        # DDIM eq. 12: x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z
+        x = a_s**0.5 * x0 + max(1.0 - a_s - sigma**2, 0.0) ** 0.5 * eps
+        return (x if z is None else x + sigma * z), raw_x0
+
+    @torch.no_grad()
+    def run(self, model: nn.Module, shape_or_x, *, generator: torch.Generator | None = None, device=None,
+            noise_fn: Callable[[tuple], torch.Tensor] | None = None,
+            callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> SampleResult:
+        """The chain over the set timesteps, one model call each.
+
+        shape_or_x: a shape (B, C, H, W) to start from noise (noise_fn(shape) if given, else
+        N(0, I) from ``generator``), or the starting tensor itself. Every z is noise_fn(shape)
+        or N(0, I) from ``generator``. The model gets the timesteps as a (B,) LongTensor.
+        callback(t, x_t, x0) sees every visited t with the predicted x0 before clipping.
+        """
+        device = torch.device(device) if device is not None else model_device(model)
+        with _EvalMode(model):
+            synchronize(device)
+            start = time.perf_counter()
+            if isinstance(shape_or_x, torch.Tensor):
+                x = shape_or_x.to(device=device, dtype=torch.float32).clone()
+            elif noise_fn is not None:
+                x = noise_fn(tuple(int(s) for s in shape_or_x)).to(device=device, dtype=torch.float32)
             else:
-                x = mean
-        _synchronize(device)
-        seconds = time.perf_counter() - start
-    return SampleResult(samples=x, seconds=seconds, model_calls=calls)
+                x = _gaussian(tuple(int(s) for s in shape_or_x), generator, device)
+            batch = x.shape[0]
+            for position, t in enumerate(self.timesteps):
+                eps = model(x, torch.full((batch,), t, dtype=torch.long, device=device))
+                z = None
+                if self.adds_noise(position):
+                    z = noise_fn(tuple(x.shape)).to(device) if noise_fn is not None else _gaussian(x.shape, generator, device)
+                x_next, x0 = self.step(eps, position, x, z, want_x0=callback is not None)
+                if callback is not None:
+                    callback(t, x, x0)
+                x = x_next
+            synchronize(device)
+            seconds = time.perf_counter() - start
+        return SampleResult(samples=x, seconds=seconds, model_calls=len(self.timesteps))
 
 
-def ddim_timesteps(t_start: int, num_steps: int) -> list[int]:
-    """num_steps distinct timesteps evenly spaced from t_start down to 0 (just [t_start] for one step)."""
-    if num_steps == 1:
-        return [t_start]
-    return [int(v) for v in np.round(np.linspace(t_start, 0, num_steps))]
+def sample(model: nn.Module, schedule, shape_or_x, *, sampler: str = "ancestral", calls: int | None = None,
+           t_start: int | None = None, variance: str = "beta", eta: float = 0.0, noise_until: int = 0,
+           clip_x0=False, generator: torch.Generator | None = None, device=None,
+           noise_fn: Callable[[tuple], torch.Tensor] | None = None,
+           callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> SampleResult:
+    """Run the ``sampler`` chain with ``calls`` network calls from ``t_start`` (defaults: every
+    timestep from T - 1); the other arguments as in :class:`Sampler` and :meth:`Sampler.run`."""
+    chain = Sampler(schedule, sampler, variance=variance, eta=eta, noise_until=noise_until, clip_x0=clip_x0)
+    chain.set_timesteps(calls, t_start)
+    return chain.run(model, shape_or_x, generator=generator, device=device, noise_fn=noise_fn, callback=callback)
 
 
-@torch.no_grad()
-def ddim_sample(
-    model: nn.Module,
-    schedule,
-    shape_or_x,
-    *,
-    num_steps: int,
-    eta: float = 0.0,
-    t_start: int | None = None,
-    generator: torch.Generator | None = None,
-    device=None,
-    clip_x0=False,
-    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-) -> SampleResult:
-    """DDIM sampling over ``ddim_timesteps(t_start, num_steps)``: num_steps model calls.
+def sample_options(cfg_sample) -> dict:
+    """The keyword arguments of :func:`sample` set by a method's ``sample`` config (sampler,
+    eta, variance, noise_until; absent keys keep the defaults)."""
+    return {key: cfg_sample[key] for key in SAMPLE_KEYS if key in cfg_sample}
 
-    For consecutive visited steps t > s (s = -1 after the last, with abar_{-1} = 1):
-    x0 = predict_x0(x_t, eps), sigma = eta sqrt((1 - abar_s)/(1 - abar_t)) sqrt(1 - abar_t/abar_s),
-    x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z. eta = 0 is deterministic.
-    shape_or_x, clip_x0 and callback as in :func:`ancestral_sample`.
-    """
-    t_start = _check_t_start(schedule, t_start)
-    require(isinstance(num_steps, (int, np.integer)) and 1 <= num_steps <= t_start + 1, "num_steps", num_steps,
-            f"an integer in 1..{t_start + 1}")
-    require(isinstance(eta, (int, float)) and eta >= 0, "eta", eta, "a number >= 0")
-    device = _resolve_device(model, device)
-    clip = _clip_range(clip_x0)
-    abar = schedule.alphas_cumprod.cpu().tolist()
-    steps = ddim_timesteps(t_start, int(num_steps))
-    calls = 0
-    with _EvalMode(model):
-        _synchronize(device)
-        start = time.perf_counter()
-        x = _start(shape_or_x, device, generator, None)
-        batch = x.shape[0]
-        for i, t in enumerate(steps):
-            a_t = abar[t]
-            a_s = abar[steps[i + 1]] if i + 1 < len(steps) else 1.0
-            eps = model(x, torch.full((batch,), t, dtype=torch.long, device=device))
-            calls += 1
-            x0_pred = (x - (1.0 - a_t) ** 0.5 * eps) / a_t**0.5
-            if clip is not None:
-                x0_pred = x0_pred.clamp(*clip)
-                eps = (x - a_t**0.5 * x0_pred) / (1.0 - a_t) ** 0.5
-            if callback is not None:
-                callback(t, x, x0_pred)
-            sigma = eta * ((1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s)) ** 0.5
-            x = a_s**0.5 * x0_pred + max(1.0 - a_s - sigma**2, 0.0) ** 0.5 * eps
-            if sigma > 0:
-                x = x + sigma * _gaussian(x.shape, generator, device)
-        _synchronize(device)
-        seconds = time.perf_counter() - start
-    return SampleResult(samples=x, seconds=seconds, model_calls=calls)
+
+def validate_sample_config(cfg_sample, prefix: str = "method.sample") -> None:
+    """ConfigError naming ``prefix.<key>`` for a bad sampler, eta, variance or noise_until."""
+    options = sample_options(cfg_sample)
+    require_choice(f"{prefix}.sampler", options.get("sampler", "ancestral"), SAMPLERS)
+    require_choice(f"{prefix}.variance", options.get("variance", "beta"), VARIANCES)
+    eta = options.get("eta", 0.0)
+    require(isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta >= 0, f"{prefix}.eta", eta,
+            "a number >= 0 (0: deterministic DDIM)")
+    until = options.get("noise_until", 0)
+    require(_is_int(until) and until >= 0, f"{prefix}.noise_until", until,
+            "an integer >= 0 (noise only for t > noise_until; 0 is standard DDPM)")

@@ -19,6 +19,7 @@ from torch import nn
 
 from dipddpm.errors import DivergedError, require, require_choice
 from dipddpm.progress import progress_bar
+from dipddpm.runtime import model_device, synchronize
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -32,17 +33,6 @@ class TrainResult:
     ema_model: nn.Module | None
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -113,7 +103,7 @@ def train_eps(
     require(isinstance(t_max, int) and 1 <= t_max <= num_t, f"{p}t_max", t_max, f"null or an integer in 1..{num_t}")
     total = _iteration_count(data.shape[0], batch_size, iterations, epochs, p)
 
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     model = model.to(device)
     model.train()
     data = data.to(device=device, dtype=torch.float32)
@@ -144,7 +134,7 @@ def train_eps(
                 raise DivergedError(first_step + offset, value)
         losses.extend(values)
 
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     bar = progress_bar(total, "train eps", progress)
     for step in range(total):
@@ -180,6 +170,6 @@ def train_eps(
             if progress:
                 bar.set_postfix(loss=f"{losses[-1]:.4g}")
     bar.close()
-    _synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     return TrainResult(model=model, ema_model=ema_model, losses=losses, seconds=seconds)

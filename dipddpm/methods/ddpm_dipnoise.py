@@ -1,11 +1,13 @@
 """Report R4: DIP-preprocessed starting noise for a shorter DDPM reverse chain.
 
-A DIP (``method.dip_backbone``, the small skip hourglass) is fitted from a fixed code to
-one noisy MNIST digit at ``method.dip.size`` (32). A DDPM (the ``backbone`` group, R4's
-unet_ln) is trained on the MNIST data (data=mnist). Sampling: x ~ N(0, I) at 32x32,
+A DIP (the ``backbone`` group, R4's small skip hourglass skip_mnist) is fitted from a fixed
+code to one noisy MNIST digit at ``method.dip.size`` (32). A DDPM (the ``eps_net`` group,
+R4's unet_ln) is trained on the MNIST data (data=mnist). Sampling: x ~ N(0, I) at 32x32,
 passed ``dip_passes`` times through the DIP (its BatchNorm in ``dip_bn_mode``), resized
-to 28x28, then ancestral steps t = steps-1 .. 0 with sigma_t^2 = beta_t. dip_passes=0 is
-plain DDPM: x ~ N(0, I) drawn at 28x28 directly. With ``train_dip_passes`` > 0 (R4's
+to 28x28, then a chain of ``steps`` network calls: by default R4's ancestral steps
+t = steps-1 .. 0 with sigma_t^2 = beta_t; ``method.sample`` picks another sampler (ddim)
+or start (t_start, e.g. DDIM over the whole chain in the same number of calls).
+dip_passes=0 is plain DDPM: x ~ N(0, I) drawn at 28x28 directly. With ``train_dip_passes`` > 0 (R4's
 ablation) the eps-model itself sends its noisy input through the frozen DIP that many
 times before the UNet, in training and in every sampling step.
 
@@ -23,11 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dipddpm.data.mnist import load_mnist, to_tensor
-from dipddpm.diffusion import ancestral_sample
+from dipddpm.diffusion import sample, sample_options, validate_sample_config
+from dipddpm.dip import make_code
 from dipddpm.errors import require, require_choice
 from dipddpm.methods import diffusion_common as common
 from dipddpm.models import check_size
+from dipddpm.runtime import model_device, synchronize
 
+DATA_KINDS = ("mnist",)  # data groups this method accepts (checked by methods.require_data_kind)
 SIDE = 28
 BN_MODES = ("train", "eval")
 DIP_OUTPUTS = ("raw", "symmetric")
@@ -103,15 +108,19 @@ class DipSample:
 
 def sample_with_dip(model: nn.Module, schedule, count: int, steps: int, *, dip: nn.Module | None = None,
                     passes: int = 0, dip_size: int = 32, side: int = SIDE, bn_mode: str = "train",
-                    output: str = "raw", generator: torch.Generator | None = None, device=None) -> DipSample:
-    """``count`` samples from a chain of ``steps`` ancestral steps (t = steps-1 .. 0).
+                    output: str = "raw", t_start: int | None = None, generator: torch.Generator | None = None,
+                    device=None, **sampler) -> DipSample:
+    """``count`` samples from a chain of ``steps`` network calls from t_start (default
+    steps-1: R4's truncated chain t = steps-1 .. 0); ``sampler``: the sampler keywords of
+    dipddpm.diffusion.sample (sampler, eta, variance, noise_until; ancestral by default).
 
-    passes = 0 (or no DIP): exactly ancestral_sample(model, schedule, (count, 1, side, side),
-    t_start=steps-1, generator=generator). passes > 0: x ~ N(0, I) of shape
-    (count, 1, dip_size, dip_size) from ``generator``, apply_dip, then the same chain from it.
+    passes = 0 (or no DIP): exactly sample(model, schedule, (count, 1, side, side),
+    t_start=t_start, calls=steps, generator=generator, **sampler). passes > 0: x ~ N(0, I) of
+    shape (count, 1, dip_size, dip_size) from ``generator``, apply_dip, then the same chain from it.
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    common.synchronize(device)
+    device = torch.device(device) if device is not None else model_device(model)
+    t_start = steps - 1 if t_start is None else t_start
+    synchronize(device)
     started = time.perf_counter()
     if passes > 0:
         if dip is None:
@@ -119,13 +128,14 @@ def sample_with_dip(model: nn.Module, schedule, count: int, steps: int, *, dip: 
         noise = torch.randn((count, 1, dip_size, dip_size), generator=generator,
                             device=generator.device if generator is not None else device).to(device)
         start = apply_dip(dip, noise, passes, dip_size, side, bn_mode, output)
-        common.synchronize(device)
+        synchronize(device)
         dip_seconds = time.perf_counter() - started
-        chain = ancestral_sample(model, schedule, start, t_start=steps - 1, generator=generator, device=device)
+        chain = sample(model, schedule, start, t_start=t_start, calls=steps, generator=generator, device=device,
+                       **sampler)
     else:
         start, dip_seconds = None, 0.0
-        chain = ancestral_sample(model, schedule, (count, 1, side, side), t_start=steps - 1, generator=generator,
-                                 device=device)
+        chain = sample(model, schedule, (count, 1, side, side), t_start=t_start, calls=steps, generator=generator,
+                       device=device, **sampler)
     seconds = time.perf_counter() - started
     return DipSample(samples=chain.samples, starts=start, seconds=seconds, dip_seconds=dip_seconds,
                      chain_seconds=chain.seconds, model_calls=chain.model_calls)
@@ -134,11 +144,15 @@ def sample_with_dip(model: nn.Module, schedule, count: int, steps: int, *, dip: 
 def validate(cfg) -> None:
     m = cfg.method
     require(cfg.data.name == "mnist", "data", cfg.data.name,
-            "mnist, e.g. experiment=dipnoise/time_vs_steps or data=mnist backbone=unet_ln")
-    common.validate_eps_backbone(cfg, SIDE)
-    check_size(m.dip_backbone, int(m.dip.size), key="method.dip.size")
+            "mnist, e.g. experiment=dipnoise/time_vs_steps or data=mnist eps_net=unet_ln")
+    common.validate_eps_net(cfg, SIDE)
+    check_size(cfg.backbone, int(m.dip.size), key="method.dip.size")
     schedule = common.schedule_from(cfg)
     common.require_int("method.steps", m.steps, maximum=schedule.num_timesteps)
+    if m.sample.t_start is not None:
+        common.require_int("method.sample.t_start", m.sample.t_start, minimum=int(m.steps) - 1,
+                           maximum=schedule.num_timesteps - 1)
+    validate_sample_config(m.sample)
     common.require_int("method.dip_passes", m.dip_passes, minimum=0)
     common.require_int("method.train_dip_passes", m.train_dip_passes, minimum=0)
     require_choice("method.dip_bn_mode", m.dip_bn_mode, BN_MODES)
@@ -187,6 +201,8 @@ def _plan(cfg, count: int) -> dict:
         "train_iterations": common.epoch_iterations(cfg.profile, int(m.train.epochs), count,
                                                     int(m.train.batch_size), int(m.train.min_iterations)),
         "chain_steps": calls,
+        "t_start": calls - 1 if m.sample.t_start is None else int(m.sample.t_start),
+        "sampler": str(m.sample.sampler),
         "dip_passes": int(m.dip_passes),
         "train_dip_passes": int(m.train_dip_passes),
         "num_samples": int(cfg.profile.num_samples),
@@ -199,7 +215,7 @@ def describe(cfg):
     text = (f"DIP {plan['dip_steps']} steps; DDPM {plan['train_iterations']} iterations on "
             f"{plan['training_images']} digits (DIP inside the eps-model: {plan['train_dip_passes']} passes); "
             f"{plan['num_samples']} samples: {plan['dip_passes']} DIP passes on the noise, "
-            f"then {plan['chain_steps']} ancestral steps")
+            f"then {plan['chain_steps']} {plan['sampler']} steps from t = {plan['t_start']}")
     return text, plan
 
 
@@ -208,10 +224,10 @@ def _fit_dip(ctx):
     size = int(m.dip.size)
     clean, noisy = (x.to(device) for x in common.noisy_digit(
         m.dip.index, cfg.data.get("root"), "train", m.dip.sigma, True, m.dip.noise_seed, side=size))
-    code = common.make_code(1, size, m.dip.code_kind, float(m.dip.code_scale),
-                            common.seeded_generator(device, int(m.dip.seed), offset=1), device)
-    identity = {"target": {"root": cfg.data.get("root")}, "net": common.plain(m.dip_backbone)}
-    build = common.build_seeded(m.dip_backbone, 1, 1, int(m.dip.seed), device)
+    code = make_code(1, size, m.dip.code_kind, float(m.dip.code_scale),
+                     common.seeded_generator(device, int(m.dip.seed), offset=1), device)
+    identity = {"target": {"root": cfg.data.get("root")}, "net": common.plain(cfg.backbone)}
+    build = common.build_seeded(cfg.backbone, 1, 1, int(m.dip.seed), device)
     return common.fit_dip_cached(ctx, identity, build, code, noisy, m.dip, clean=clean)
 
 
@@ -230,7 +246,7 @@ def run(ctx) -> dict:
         metrics.update(dip_trained_now=fitted.trained_now, dip_steps=plan["dip_steps"],
                        dip_psnr=fitted.info.get("psnr_final"), dip_seconds=fitted.info.get("dip_seconds"))
 
-    build_unet = common.build_seeded(cfg.backbone, 1, 1, int(m.train.seed), device)
+    build_unet = common.build_seeded(cfg.eps_net, 1, 1, int(m.train.seed), device)
     identity = {"data": {k: cfg.data.get(k) for k in ("root", "split", "limit", "value_range")},
                 "dip_in_model": None}
     build = build_unet
@@ -239,7 +255,7 @@ def run(ctx) -> dict:
                                     "dip": dip_key, "size": int(m.dip.size)}
 
         def build():
-            frozen = common.build_seeded(m.dip_backbone, 1, 1, int(m.dip.seed), device)()
+            frozen = common.build_seeded(cfg.backbone, 1, 1, int(m.dip.seed), device)()
             frozen.load_state_dict(dip.state_dict())
             return DipThenEps(frozen, build_unet(), int(m.train_dip_passes), int(m.dip.size), SIDE,
                               str(m.dip_bn_mode))
@@ -252,7 +268,8 @@ def run(ctx) -> dict:
     def sample(count: int, offset: int) -> DipSample:
         return sample_with_dip(model, schedule, count, plan["chain_steps"], dip=dip, passes=int(m.dip_passes),
                                dip_size=int(m.dip.size), bn_mode=str(m.dip_bn_mode), output=str(m.dip_output),
-                               generator=ctx.generator(offset), device=device)
+                               t_start=plan["t_start"], generator=ctx.generator(offset), device=device,
+                               **sample_options(m.sample))
 
     batch = sample(plan["num_samples"], 10)
     timings = [sample(1, 11 + i) for i in range(int(m.timing_starts))]

@@ -1,12 +1,12 @@
 """Report R3: a DDPM trained on one image, sampled from a truncated reverse chain.
 
-A DIP (``method.dip_backbone``, R3's 4-conv net) is fitted from a fixed code z to one
-noisy digit (data=digit). A DDPM (the ``backbone`` group, an eps-net) is then trained
-with batch 1 on a fixed x0: the frozen DIP output (x0_source=dip, "DIP+DDPM") or the
-clean digit (x0_source=clean, "sole DDPM"), with t ~ U{0..t_max-1}. Samples start from
-x ~ N(0, I) and run the ancestral chain from t_start (at most L-1) down to 0; each is
-scored by PSNR against the clean digit (no clipping, data range 1) and by the digit
-quality columns. Images are (N, 1, 28, 28) in [0, 1].
+A DIP (the ``backbone`` group, R3's 4-conv net cnn_r3) is fitted from a fixed code z to
+one noisy digit (data=digit). A DDPM (the ``eps_net`` group) is then trained with batch 1
+on a fixed x0: the frozen DIP output (x0_source=dip, "DIP+DDPM") or the clean digit
+(x0_source=clean, "sole DDPM"), with t ~ U{0..t_max-1}. Samples start from x ~ N(0, I)
+and run the ``method.sample`` chain (ancestral by default) from t_start (at most L-1)
+down to 0; each is scored by PSNR against the clean digit (no clipping, data range 1) and
+by the digit quality columns. Images are (N, 1, 28, 28) in [0, 1].
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import time
 import numpy as np
 import torch
 
-from dipddpm.diffusion import ancestral_sample
-from dipddpm.diffusion.sampling import VARIANCES
+from dipddpm.diffusion import sample, sample_options, validate_sample_config
+from dipddpm.dip import make_code
 from dipddpm.errors import require, require_choice
 from dipddpm.io import save_image_atomic
 from dipddpm.methods import diffusion_common as common
@@ -25,6 +25,7 @@ from dipddpm.metrics import psnr_torch_batched
 from dipddpm.models import check_size
 
 X0_SOURCES = ("dip", "clean")
+DATA_KINDS = ("digit",)  # data groups this method accepts (checked by methods.require_data_kind)
 SIDE = 28
 DEFAULT_ITERATIONS = {"dip": 3000, "clean": 5000}
 
@@ -32,12 +33,12 @@ DEFAULT_ITERATIONS = {"dip": 3000, "clean": 5000}
 def validate(cfg) -> None:
     m = cfg.method
     require(cfg.data.name == "digit", "data", cfg.data.name,
-            "digit (one MNIST digit), e.g. experiment=truncated/dip_vs_clean or data=digit backbone=unet_res")
+            "digit (one MNIST digit), e.g. experiment=truncated/dip_vs_clean or data=digit eps_net=unet_res")
     require_choice("data.value_range", cfg.data.get("value_range", "unit"), ("unit",))
     require(isinstance(cfg.data.sigma, (int, float)) and 0 <= cfg.data.sigma <= 1, "data.sigma", cfg.data.sigma,
             "a number in [0, 1]")
-    common.validate_eps_backbone(cfg, SIDE)
-    check_size(m.dip_backbone, SIDE, key="method.dip_backbone")
+    common.validate_eps_net(cfg, SIDE)
+    check_size(cfg.backbone, SIDE, key="backbone")
     require_choice("method.x0_source", m.x0_source, X0_SOURCES)
     common.validate_dip_settings(m.dip, "method.dip")
     common.require_int("method.dip.code_channels", m.dip.code_channels)
@@ -50,7 +51,10 @@ def validate(cfg) -> None:
     common.require_int("method.train.t_max", m.train.t_max)
     common.require_int("method.train.seed", m.train.seed, minimum=0)
     common.require_int("method.sample.t_start", m.sample.t_start, minimum=0)
-    require_choice("method.sample.variance", m.sample.variance, VARIANCES)
+    if m.sample.calls is not None:
+        top = min(int(m.sample.t_start), common.schedule_from(cfg).num_timesteps - 1)
+        common.require_int("method.sample.calls", m.sample.calls, maximum=top + 1)
+    validate_sample_config(m.sample)
     common.validate_num_samples(cfg.profile)
     common.require_int("method.quality_reference", m.quality_reference, minimum=2)
     _load_digit(cfg)
@@ -64,7 +68,11 @@ def _plan(cfg) -> dict:
     m = cfg.method
     schedule = common.schedule_from(cfg)
     t_start = min(int(m.sample.t_start), schedule.num_timesteps - 1)
-    calls = min(common.chain_length(cfg.profile, t_start + 1), t_start + 1)
+    if m.sample.calls is None:  # every timestep; a profile shortens the chain from the top
+        calls = min(common.chain_length(cfg.profile, t_start + 1), t_start + 1)
+        t_start = calls - 1
+    else:  # ``calls`` timesteps spread over t_start .. 0
+        calls = min(common.chain_length(cfg.profile, int(m.sample.calls)), t_start + 1)
     base = m.train.iterations if m.train.iterations is not None else DEFAULT_ITERATIONS[m.x0_source]
     return {
         "x0_source": str(m.x0_source),
@@ -72,7 +80,7 @@ def _plan(cfg) -> dict:
         "train_iterations": common.scaled_iterations(cfg.profile, int(base), int(m.train.min_iterations)),
         "t_max": min(int(m.train.t_max), schedule.num_timesteps),
         "num_timesteps": schedule.num_timesteps,
-        "t_start": calls - 1,
+        "t_start": t_start,
         "model_calls": calls,
         "num_samples": int(cfg.profile.num_samples),
     }
@@ -83,7 +91,8 @@ def describe(cfg):
     x0 = "frozen DIP output" if plan["x0_source"] == "dip" else "clean digit"
     text = (f"DIP {plan['dip_steps']} steps; DDPM on the {x0}: {plan['train_iterations']} iterations, "
             f"t ~ U{{0..{plan['t_max'] - 1}}}, L = {plan['num_timesteps']}; "
-            f"{plan['num_samples']} samples from t = {plan['t_start']} ({plan['model_calls']} model calls)")
+            f"{plan['num_samples']} samples from t = {plan['t_start']} ({plan['model_calls']} model calls, "
+            f"{cfg.method.sample.sampler} sampler)")
     return text, plan
 
 
@@ -109,11 +118,11 @@ def run(ctx) -> dict:
     if m.x0_source == "dip":
         target = {"digit": _digit_identity(cfg), "sigma": cfg.data.sigma, "clip": cfg.data.get("clip", True),
                   "noise_seed": cfg.data.get("noise_seed", 0)}
-        identity = {"target": target, "net": common.plain(m.dip_backbone)}
+        identity = {"target": target, "net": common.plain(cfg.backbone)}
         code_generator = common.seeded_generator(device, int(m.dip.seed), offset=1)
-        code = common.make_code(int(m.dip.code_channels), SIDE, m.dip.code_kind, float(m.dip.code_scale),
-                                code_generator, device)
-        build_dip = common.build_seeded(m.dip_backbone, int(m.dip.code_channels), 1, int(m.dip.seed), device)
+        code = make_code(int(m.dip.code_channels), SIDE, m.dip.code_kind, float(m.dip.code_scale),
+                         code_generator, device)
+        build_dip = common.build_seeded(cfg.backbone, int(m.dip.code_channels), 1, int(m.dip.seed), device)
         dip = common.fit_dip_cached(ctx, identity, build_dip, code, noisy, m.dip, clean=clean)
         with torch.no_grad():
             x0 = dip.model.eval()(code).detach()
@@ -125,7 +134,7 @@ def run(ctx) -> dict:
         x0 = clean
         x0_identity = {"source": "clean", "digit": _digit_identity(cfg)}
 
-    build_eps = common.build_seeded(cfg.backbone, 1, 1, int(m.train.seed), device)
+    build_eps = common.build_seeded(cfg.eps_net, 1, 1, int(m.train.seed), device)
     trained = common.train_eps_cached(
         ctx, {"x0": x0_identity}, build_eps, x0, schedule, iterations=plan["train_iterations"],
         batch_size=int(m.train.batch_size), lr=float(m.train.lr), seed=int(m.train.seed), t_max=plan["t_max"])
@@ -133,12 +142,12 @@ def run(ctx) -> dict:
 
     count = int(cfg.profile.num_samples)
 
-    def sample(n: int, offset: int):
-        return ancestral_sample(model, schedule, (n, 1, SIDE, SIDE), t_start=plan["t_start"],
-                                variance=str(m.sample.variance), generator=ctx.generator(offset), device=device)
+    def draw(n: int, offset: int):
+        return sample(model, schedule, (n, 1, SIDE, SIDE), t_start=plan["t_start"], calls=plan["model_calls"],
+                      generator=ctx.generator(offset), device=device, **sample_options(m.sample))
 
-    batch, batch_seconds = common.timed(lambda: sample(count, 10), device)
-    _, one_seconds = common.timed(lambda: sample(1, 11), device)
+    batch, batch_seconds = common.timed(lambda: draw(count, 10), device)
+    _, one_seconds = common.timed(lambda: draw(1, 11), device)
     samples = batch.samples
     scores = psnr_torch_batched(clean.expand_as(samples), samples).cpu().numpy()
     quality = common.digit_quality_columns(ctx, samples, cfg.data.get("root"), int(m.quality_reference))

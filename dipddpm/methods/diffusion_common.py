@@ -1,10 +1,11 @@
 """Helpers shared by the diffusion methods (ddpm_single, ddpm_dipnoise, ddpm_dataset).
 
-- validation of the eps-net (``backbone`` group) against the data side;
+- validation of the eps-net (``eps_net`` group) against the data side;
 - the noise schedule from ``cfg.scheduler`` and the part of it that a cache key needs;
 - profile scaling: training iterations (``profile.train_scale``) and reverse-chain
   lengths (``profile.sample_step_scale``, 1.0 when the profile does not set it);
-- cached training of an eps-net and of a DIP, keyed by everything that fixes their weights;
+- cached training of an eps-net and of a DIP (the ``backbone`` group), keyed by everything
+  that fixes their weights;
 - sampling helpers: wall-clock timing, PNG sample grids, digit-quality columns.
 
 Images are (N, C, H, W) tensors; "unit" images are in [0, 1], "symmetric" in [-1, 1].
@@ -22,14 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dipddpm.diffusion import load_or_train_with_info, train_eps
-from dipddpm.diffusion.checkpoints import checkpoint_key
+from dipddpm.diffusion import checkpoint_key, load_or_train_with_info, train_eps
+from dipddpm.diffusion.checkpoints import plain
+from dipddpm.diffusion.schedule import build_schedule
 from dipddpm.dip import DipSettings, Stage, fit_dip
 from dipddpm.errors import require, require_choice
 from dipddpm.io import save_image_atomic
 from dipddpm.metrics import psnr
 from dipddpm.models import build_backbone, check_size
-from dipddpm.schedulers import build_schedule
+from dipddpm.runtime import synchronize
 
 log = logging.getLogger("dipddpm")
 
@@ -41,13 +43,15 @@ CODE_KINDS = ("uniform", "gaussian")
 # ---------------------------------------------------------------- validation
 
 
-def validate_eps_backbone(cfg, side: int) -> None:
-    """The ``backbone`` group must be a time-conditioned eps-net that takes images of ``side``."""
-    require_choice("backbone.name", cfg.backbone.name, EPS_NETS)
-    check_size(cfg.backbone, side, key="backbone")
-    if cfg.backbone.name == "unet_ln":
-        size = cfg.backbone.get("image_size")
-        require(size == side, "backbone.image_size", size, f"the data side, {side} (unet_ln is built for one side)")
+def validate_eps_net(cfg, side: int) -> None:
+    """The ``eps_net`` group must be a time-conditioned eps-net that takes images of ``side``."""
+    eps_net = cfg.get("eps_net")
+    require(eps_net is not None, "eps_net", None, "one of " + ", ".join(EPS_NETS) + " (e.g. eps_net=unet_res)")
+    require_choice("eps_net.name", eps_net.get("name"), EPS_NETS)
+    check_size(eps_net, side, key="eps_net")
+    if eps_net.name == "unet_ln":
+        size = eps_net.get("image_size")
+        require(size == side, "eps_net.image_size", size, f"the data side, {side} (unet_ln is built for one side)")
 
 
 def require_int(key: str, value, minimum: int = 1, maximum: int | None = None) -> int:
@@ -81,7 +85,7 @@ def validate_num_samples(profile) -> int:
     return require_int("profile.num_samples", profile.get("num_samples"), minimum=2)
 
 
-# ---------------------------------------------------------------- schedule and scaling
+# ---------------------------------------------------------------- schedule
 
 
 def schedule_from(cfg):
@@ -92,6 +96,11 @@ def schedule_from(cfg):
 def schedule_key(cfg_scheduler) -> dict:
     """The scheduler keys that fix the betas (``softmax_c`` only concerns R2's epoch plans)."""
     return {k: v for k, v in plain(cfg_scheduler).items() if k != "softmax_c"}
+
+
+# ---------------------------------------------------------------- profile scaling
+# Sizes that depend on a method's data (training iterations, chain lengths, DIP steps); the
+# presets (eps_net.at_profile, method.at_profile) are merged by dipddpm.profile.apply_profile.
 
 
 def profile_steps(profile, steps: int) -> int:
@@ -122,6 +131,9 @@ def chain_length(profile, steps: int) -> int:
     return max(1, int(round(int(steps) * scale)))
 
 
+# ---------------------------------------------------------------- seeds and value ranges
+
+
 def seeded_generator(device, seed: int, offset: int = 0) -> torch.Generator:
     """A torch generator on ``device`` seeded by seed * 1000003 + offset (as RunContext.generator)."""
     generator = torch.Generator(device=device)
@@ -135,15 +147,6 @@ def to_unit(images: torch.Tensor, value_range: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- cached training
-
-
-def plain(config):
-    """OmegaConf nodes -> plain containers (resolved); anything else unchanged."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(config, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(config, resolve=True)
-    return config
 
 
 @dataclass
@@ -163,12 +166,14 @@ def train_eps_cached(ctx, identity: dict, build_model, data: torch.Tensor, sched
 
     The cache key is ``identity`` (what the data is, and anything else the caller knows:
     it must describe callables such as forward_noise/loss_target) plus the eps-net config
-    (cfg.backbone), the schedule and every plain training argument, so another job with the
+    (cfg.eps_net), the schedule and every plain training argument, so another job with the
     same training config reuses the weights. info: loss_final (mean of the last 50 losses),
     train_seconds, iterations.
     """
     plain_options = {k: v for k, v in train_options.items() if not callable(v) and not isinstance(v, torch.Tensor)}
-    key = {"kind": "eps_net", "version": CACHE_VERSION, "backbone": plain(ctx.cfg.backbone),
+    # The eps-net's config is stored under "backbone", its group's name when these caches were
+    # first written, so weights trained before the eps_net group stay valid.
+    key = {"kind": "eps_net", "version": CACHE_VERSION, "backbone": plain(ctx.cfg.eps_net),
            "schedule": schedule_key(ctx.cfg.scheduler), "data_shape": list(data.shape),
            "train": {"iterations": iterations, "batch_size": batch_size, "lr": lr, "seed": seed, "t_max": t_max,
                      **plain_options},
@@ -184,13 +189,6 @@ def train_eps_cached(ctx, identity: dict, build_model, data: torch.Tensor, sched
                          "iterations": iterations}
 
     return _cached(ctx, key, build_model, train, "eps-net")
-
-
-def make_code(channels: int, side: int, kind: str, scale: float, generator: torch.Generator, device) -> torch.Tensor:
-    """A DIP input code (1, channels, side, side): U(0, 1) or N(0, 1), times scale."""
-    shape = (1, channels, side, side)
-    draw = torch.rand if kind == "uniform" else torch.randn
-    return draw(shape, generator=generator, device=generator.device).to(device) * scale
 
 
 def fit_dip_cached(ctx, identity: dict, build_net, code: torch.Tensor, target: torch.Tensor, dip,
@@ -262,11 +260,6 @@ def noisy_digit(index: int, root=None, split: str = "train", sigma: float = 0.15
 
 
 # ---------------------------------------------------------------- sampling outputs
-
-
-def synchronize(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device):

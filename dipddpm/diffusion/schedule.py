@@ -1,7 +1,9 @@
-"""DDPM beta schedules (linear, cosine) and the forward process q(x_t | x_0).
+"""DDPM beta schedules (linear, cosine) and the formulas of one schedule: the forward
+process q(x_t | x_0), the x0 predicted from eps, the posterior q(x_{t-1} | x_t, x_0) and
+respacing to a subset of timesteps.
 
 Timesteps are 0-indexed: t = 0 is one noising step, t = T - 1 the last one, and
-`alphas_cumprod[t]` is abar for that step.
+`alphas_cumprod[t]` is abar for that step. Equation numbers refer to Ho et al. 2020 (DDPM).
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ class NoiseSchedule:
                 setattr(moved, name, value.to(device))
         return moved
 
+    def host(self, name: str) -> list[float]:
+        """The buffer ``name`` as a list of Python floats (computed once): the per-step
+        coefficients of the samplers, without a tensor lookup per step."""
+        cache = self.__dict__.setdefault("_host", {})
+        if name not in cache:
+            cache[name] = getattr(self, name).cpu().tolist()
+        return cache[name]
+
     def _coefficient(self, buffer: torch.Tensor, t, like: torch.Tensor) -> torch.Tensor:
         """buffer[t] in like's dtype/device, shaped to broadcast over like (B, C, H, W)."""
         if isinstance(t, torch.Tensor):
@@ -81,6 +91,41 @@ class NoiseSchedule:
         signal = self._coefficient(self.sqrt_alphas_cumprod, t, x0)
         spread = self._coefficient(self.sqrt_one_minus_alphas_cumprod, t, x0)
         return signal * x0 + spread * noise.to(device=x0.device, dtype=x0.dtype)
+
+    def predict_x0(self, x_t: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
+        """The x0 that q_sample would turn into x_t with this eps (eq. 4 solved for x0):
+
+            x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+
+        x_t, eps: (B, C, H, W); t: an int (the coefficient is a Python float, as the
+        samplers use it) or a LongTensor of shape (B,). Not clipped.
+        """
+        if isinstance(t, torch.Tensor) and t.numel() > 1:
+            abar = self._coefficient(self.alphas_cumprod, t, x_t)
+        else:
+            abar = self.host("alphas_cumprod")[int(t)]
+        return (x_t - (1.0 - abar) ** 0.5 * eps) / abar**0.5
+
+    def posterior_mean_coefficients(self, t: int) -> tuple[float, float]:
+        """(c_x0, c_xt) of the posterior mean of q(x_{t-1} | x_t, x0) (eq. 7):
+
+            mu_t = beta_t sqrt(abar_{t-1}) / (1 - abar_t) x0 + (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t) x_t
+        """
+        beta, alpha = self.host("betas")[t], self.host("alphas")[t]
+        abar, abar_prev = self.host("alphas_cumprod")[t], self.host("alphas_cumprod_prev")[t]
+        return beta * abar_prev**0.5 / (1.0 - abar), (1.0 - abar_prev) * alpha**0.5 / (1.0 - abar)
+
+    def respaced(self, timesteps) -> "NoiseSchedule":
+        """The schedule of a chain that visits only ``timesteps`` (ascending, from 0): abar is
+        kept at those steps and beta_i = 1 - abar[s_i] / abar[s_{i-1}] (Nichol & Dhariwal's
+        respacing, abar[s_{-1}] = 1). Index i of the result is timestep timesteps[i]; a chain
+        over every timestep 0..n-1 keeps this schedule's own betas."""
+        timesteps = [int(s) for s in timesteps]
+        if timesteps == list(range(len(timesteps))):
+            return self
+        abar = self.alphas_cumprod.cpu()[torch.as_tensor(timesteps)]
+        previous = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
+        return NoiseSchedule(1.0 - abar / previous)
 
 
 def linear_schedule(num_timesteps: int, beta_start: float, beta_end: float) -> NoiseSchedule:
