@@ -23,6 +23,19 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
+def synchronize(device) -> None:
+    """Wait for the work queued on a CUDA ``device`` (nothing elsewhere), so wall-clock timings are real."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer; cpu for a module with neither."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -20,7 +20,7 @@ log = logging.getLogger("dipddpm")
 
 RUN_ONLY_KEYS = ("force", "dry_run", "threads", "device", "seeds", "output_root", "cache_dir", "table", "report",
                  "experiment_name", "hydra")
-FINISHED_STATUSES = ("ok", "diverged")
+FINISHED_STATUSES = ("ok", "collapsed", "diverged")
 LAST_SWEEP: dict = {}
 
 
@@ -41,9 +41,21 @@ def job_dirname(override_dirname: str) -> str:
     return name
 
 
+def folder_sweep(folder, default: str) -> str:
+    """A sweep over a folder's images: their file stems joined by commas (``data.image=${dipddpm_images:
+    ${data.folder},astronaut}`` in hydra.sweeper.params); ``default`` when there is no folder."""
+    if not folder:
+        return default
+    from dipddpm.data.images import folder_images
+
+    return ",".join(path.stem for path in folder_images(folder))
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("dipddpm_jobdir"):
         OmegaConf.register_new_resolver("dipddpm_jobdir", job_dirname)
+    if not OmegaConf.has_resolver("dipddpm_images"):
+        OmegaConf.register_new_resolver("dipddpm_images", folder_sweep)
 
 
 def overrides_dict(task_overrides) -> dict:
@@ -116,7 +128,7 @@ def config_hash(cfg: DictConfig) -> str:
 
 
 def is_complete(result_path: Path, expected_hash: str | None) -> bool:
-    """True when result_path holds a finished result (ok or diverged) for expected_hash (None: any)."""
+    """True when result_path holds a finished result (ok, collapsed or diverged) for expected_hash (None: any)."""
     try:
         with open(result_path, encoding="utf-8") as handle:
             result = json.load(handle)
@@ -174,6 +186,52 @@ class JobLock:
             self.held = False
 
 
+def record_job(run_dir: Path, header: dict, prepare, execute, force: bool = False) -> str:
+    """Run one job and record it: the sequence train.run_job and the classical baselines share.
+
+    Skip when run_dir/result.json is complete for ``header["config_hash"]`` (unless ``force``);
+    take the job's lock ("running" when another process holds it); ``prepared = prepare()``
+    (validation), ``execute(prepared)``; write result.json atomically with ``header``: status ok
+    with the fields ``execute`` returns (device, metrics, ...), collapsed (the same, when
+    metrics["collapsed"] is true: the output is constant over the image), diverged, or failed with
+    traceback.txt. ``execute`` may instead return a status string for an outcome that is not
+    recorded (a dry run). A config error never replaces an earlier complete result.
+    Returns the job's status.
+    """
+    from dipddpm.errors import ConfigError, DivergedError
+
+    run_dir = Path(run_dir)
+    result_path = run_dir / "result.json"
+    if not force and is_complete(result_path, header["config_hash"]):
+        log.info("skip %s: complete result for this config (force=true re-runs it)", run_dir.name)
+        with open(result_path, encoding="utf-8") as handle:
+            return json.load(handle)["status"]
+    lock = JobLock(run_dir / ".lock")
+    if not lock.acquire():
+        log.info("skip %s: running in another process (%s)", run_dir.name, lock.holder())
+        return "running"
+    started = now()
+    try:
+        outcome = execute(prepare())
+        if isinstance(outcome, str):
+            return outcome
+        metrics = outcome.get("metrics")
+        collapsed = isinstance(metrics, dict) and metrics.get("collapsed") is True  # kept, with its metrics
+        result = {"status": "collapsed" if collapsed else "ok", "error": None, **header, **outcome}
+    except DivergedError as error:
+        result = {"status": "diverged", "error": {"type": "DivergedError", "message": str(error), "step": error.step},
+                  **header, "metrics": {}}
+    except Exception as error:  # recorded; the sweep goes on
+        result = failed_result(run_dir, error, header)
+        if isinstance(error, ConfigError) and is_complete(result_path, None):
+            log.error("%s: %s (kept the earlier complete result)", run_dir.name, error)
+            return "failed"
+    finally:
+        lock.release()
+    write_result(result_path, result, started)
+    return result["status"]
+
+
 def check_group_choices(argv: list[str], conf: Path | None = None) -> str | None:
     """A one-line message for the first 'group=option' naming an option that does not exist."""
     conf = conf or config_dir()
@@ -205,7 +263,7 @@ def sweep_failures(sweep_dir: Path, since: float) -> tuple[int, int]:
             status = json.loads(path.read_text()).get("status")
         except (OSError, ValueError):
             status = None
-        failed += status != "ok"
+        failed += status not in ("ok", "collapsed")
     return failed, total
 
 
@@ -216,7 +274,7 @@ except ImportError:  # pragma: no cover - hydra < 1.1
 
 
 class SweepEndCallback(Callback):
-    """After a multirun: count this sweep's failed jobs and write its comparison table."""
+    """After a multirun: count this sweep's failed jobs (its table: dipddpm.compare.SweepTableCallback)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         LAST_SWEEP.clear()
@@ -226,16 +284,6 @@ class SweepEndCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         failed, total = sweep_failures(sweep_dir, LAST_SWEEP.get("started", 0.0))
         LAST_SWEEP.update(failed=failed, ran=total, sweep_dir=str(sweep_dir))
-        if config.get("dry_run"):
-            return
-        try:
-            from dipddpm.compare import compare_paths
-
-            output = compare_paths([sweep_dir], out_dir=sweep_dir)
-            print(output.markdown)
-            log.info("table: %s", sweep_dir / "table.md")
-        except Exception as error:  # the sweep's own results stay valid without a table
-            log.error("could not build the table for %s: %s", sweep_dir, error)
         if failed:
             log.error("%d of %d jobs run in this sweep did not finish ok; see their result.json", failed, total)
 

@@ -2,13 +2,13 @@
 
 Each job: validate the config (one-line error, nothing trained), skip it if its
 result.json is complete for the same config (resume), run the method, and write
-result.json atomically with status ok | diverged | failed. A failing job never stops
+result.json atomically with status ok | collapsed | diverged | failed. A failing job never stops
 its sweep; the exit status of a sweep is the number of jobs that failed.
 """
 
 from __future__ import annotations
 
-import copy
+import functools
 import logging
 import os
 import sys
@@ -18,10 +18,10 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from dipddpm import sweep
-from dipddpm.errors import ConfigError, DivergedError
+from dipddpm.errors import ConfigError
 from dipddpm.io import read_json, write_json_atomic
 from dipddpm.progress import progress_enabled
 
@@ -55,85 +55,74 @@ def _result_header(cfg: DictConfig, hydra_cfg) -> dict:
     }
 
 
-def _with_profile_backbone(cfg: DictConfig) -> DictConfig:
-    """cfg with the backbone's ``at_profile`` preset for this profile applied (see
-    models.backbone_for_profile); cfg itself when the backbone has none."""
-    from dipddpm.models import backbone_for_profile
+def prepare_job(cfg: DictConfig):
+    """Validate a composed job config before anything runs: (method module, the config with its
+    profile applied, device). Raises ConfigError naming the first unusable key."""
+    from dipddpm.methods import get_method, require_data_kind
+    from dipddpm.profile import apply_profile
+    from dipddpm.runtime import apply_threads, resolve_device
 
-    if cfg.get("backbone") is None or cfg.backbone.get("at_profile") is None:
-        return cfg
-    out = copy.deepcopy(cfg)
-    with open_dict(out):
-        out.backbone = backbone_for_profile(cfg.backbone, cfg.profile.get("name"))
-    return out
+    method = get_method(cfg.method.name)
+    require_data_kind(method, cfg)
+    cfg = apply_profile(cfg)
+    apply_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    method.validate(cfg)
+    return method, cfg, device
+
+
+def _execute(run_dir: Path, prepared):
+    """Run a prepared job: the result's fields, or "dry_run" after writing plan.json."""
+    from dipddpm.runtime import RunContext, seed_everything
+
+    method, cfg, device = prepared
+    if cfg.dry_run:
+        text, plan = method.describe(cfg)
+        print(text)
+        write_json_atomic(run_dir / "plan.json", plan)
+        log.info("plan written to %s", run_dir / "plan.json")
+        return "dry_run"
+    seed_everything(int(cfg.seed))
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device, seed=int(cfg.seed),
+                     progress=progress_enabled(), cache_dir=Path(cfg.cache_dir).absolute())
+    uses = method.clean_image_uses(cfg)
+    began = time.perf_counter()
+    metrics = method.run(ctx)
+    return {"device": str(device), "uses_clean_image": bool(uses), "clean_image_uses": uses, "metrics": metrics,
+            "job_seconds": time.perf_counter() - began}
 
 
 def run_job(cfg: DictConfig) -> str:
-    """Run one job in Hydra's output folder; return its status."""
-    from dipddpm.methods import get_method
-    from dipddpm.runtime import RunContext, apply_threads, resolve_device, seed_everything
+    """Run one job in Hydra's output folder; return its status.
 
+    The result header (config, config_hash) holds the composed config before the profile is
+    applied: what was asked for, so resuming a sweep does not depend on how a profile scales it.
+    """
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    result_path = run_dir / "result.json"
     header = _result_header(cfg, hydra_cfg)
-
-    if not cfg.force and not cfg.dry_run and sweep.is_complete(result_path, header["config_hash"]):
-        log.info("skip %s: complete result for this config (force=true re-runs it)", run_dir.name)
-        return read_json(result_path)["status"]
-    lock = sweep.JobLock(run_dir / ".lock")
-    if not lock.acquire():
-        log.info("skip %s: running in another process (%s)", run_dir.name, lock.holder())
-        return "running"
-    started = sweep.now()
-    try:
+    prepare = functools.partial(prepare_job, cfg)
+    if hydra_cfg.mode != RunMode.MULTIRUN:  # a single run's config error is printed, not recorded
         try:
-            method = get_method(cfg.method.name)
-            cfg = _with_profile_backbone(cfg)
-            apply_threads(cfg.threads)
-            device = resolve_device(cfg.device)
-            method.validate(cfg)
+            prepared = prepare_job(cfg)
         except ConfigError as error:
-            if not multirun:
-                print(f"dipddpm-train: error: {error}", file=sys.stderr)
-                return "config_error"
-            raise
-        if cfg.dry_run:
-            text, plan = method.describe(cfg)
-            print(text)
-            write_json_atomic(run_dir / "plan.json", plan)
-            log.info("plan written to %s", run_dir / "plan.json")
-            return "dry_run"
-        seed_everything(int(cfg.seed))
-        ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device, seed=int(cfg.seed),
-                         progress=progress_enabled(), cache_dir=Path(cfg.cache_dir).absolute())
-        uses = method.clean_image_uses(cfg)
-        began = time.perf_counter()
-        metrics = method.run(ctx)
-        result = {"status": "ok", "error": None, **header, "device": str(device),
-                  "uses_clean_image": bool(uses), "clean_image_uses": uses, "metrics": metrics,
-                  "job_seconds": time.perf_counter() - began}
-    except DivergedError as error:
-        result = {"status": "diverged", "error": {"type": "DivergedError", "message": str(error), "step": error.step},
-                  **header, "metrics": {}}
-    except Exception as error:  # recorded, the sweep goes on
-        result = sweep.failed_result(run_dir, error, header)
-        if isinstance(error, ConfigError) and sweep.is_complete(result_path, None):
-            log.error("%s: %s (kept the earlier complete result)", run_dir.name, error)
-            return "failed"
-    finally:
-        lock.release()
-    sweep.write_result(result_path, result, started)
-    status = result["status"]
+            print(f"dipddpm-train: error: {error}", file=sys.stderr)
+            return "config_error"
+        prepare = lambda: prepared  # noqa: E731
+    status = sweep.record_job(run_dir, header, prepare, functools.partial(_execute, run_dir),
+                              force=bool(cfg.force or cfg.dry_run))
+    if status in ("dry_run", "running"):
+        return status
+    result = read_json(run_dir / "result.json")
     metrics = result["metrics"]
-    if status == "ok":
+    if status in ("ok", "collapsed"):
         summary = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("psnr_noisy_input", "psnr_final", "psnr_best", "psnr_stop",
                                                               "psnr_mean", "frechet", "wall_seconds")
                             if isinstance(metrics.get(k), (int, float)))
-        log.info("done: %s", summary)
-    else:
-        log.error("%s: %s", status, result["error"]["message"])
+        log.info("done%s: %s", " (collapsed: the output is constant over the image)" * (status == "collapsed"),
+                 summary)
+    elif result.get("error"):
+        log.error("%s: %s", result["status"], result["error"]["message"])
     log.info("results: %s", run_dir.absolute())
     return status
 
@@ -142,7 +131,7 @@ def run_job(cfg: DictConfig) -> str:
 def main(cfg: DictConfig) -> None:
     status = run_job(cfg)
     if HydraConfig.get().mode != RunMode.MULTIRUN:
-        OUTCOME["exit_code"] = {"ok": 0, "dry_run": 0, "running": 0, "config_error": 2}.get(status, 1)
+        OUTCOME["exit_code"] = {"ok": 0, "collapsed": 0, "dry_run": 0, "running": 0, "config_error": 2}.get(status, 1)
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -31,10 +31,12 @@ def composed(*overrides):
 
 def run_method(module, cfg, run_dir, seed: int = 0):
     """One run of a method module in-process on the CPU, the way train.run_job runs it:
-    validate, seed everything, run; returns its metrics."""
+    apply the profile, validate, seed everything, run; returns its metrics."""
+    from dipddpm.profile import apply_profile
     from dipddpm.runtime import RunContext, seed_everything
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = apply_profile(cfg)
     module.validate(cfg)
     seed_everything(seed)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, device=torch.device("cpu"), seed=seed, progress=False,

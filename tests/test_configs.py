@@ -6,8 +6,10 @@ editing this test.
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from conftest import composed
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -90,3 +92,88 @@ def test_experiment_is_a_table_with_a_seed_sweep(name):
         assert any(key in values for key in entry), f"report entry {entry} gives none of the table's values"
         for key in set(entry) - set(values):
             assert key in row_like, f"report entry key {key!r} is neither a table value nor a row/column field"
+
+
+# ---------------------------------------------------------------- every config instantiated
+
+# a companion command line for each data kind (the experiment that uses it), so a method or
+# data option is validated together with what it needs
+DATA_COMPANIONS = {
+    "image": [],
+    "digit": ["experiment=truncated/dip_vs_clean"],
+    "mnist": ["experiment=dipnoise/time_vs_steps"],
+    "patches32": ["experiment=dip_in_ddpm/ideas"],
+    "cifar10": ["experiment=dip_in_ddpm/ideas", "data=cifar10"],
+}
+EPS_NET_COMPANIONS = {"unet_res": "digit", "unet_ln": "mnist", "unet_wide": "patches32"}
+PLAN_COMPANIONS = {("epoch_plan", "softmax_beta"): ["noise_plan=ddpm"], ("epoch_plan", "list"): ["noise_plan=gradual"]}
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    from fixtures import write_cifar_batch
+
+    root = tmp_path_factory.mktemp("cifar")
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    write_cifar_batch(root / "data_batch_1", images, [0, 1, 2, 3])
+    write_cifar_batch(root / "test_batch", images[:2], [4, 5])
+    return root
+
+
+def _companions(group: str, option: str, cifar_root) -> list[str]:
+    if group == "data":
+        kind = OmegaConf.load(CONF / "data" / f"{option}.yaml").name
+    elif group == "method":
+        from dipddpm.methods import get_method
+
+        kind = get_method(composed(f"method={option}").method.name).DATA_KINDS[0]
+    elif group == "eps_net":
+        kind = EPS_NET_COMPANIONS[option]
+    else:
+        return list(PLAN_COMPANIONS.get((group, option), []))
+    extra = [f"data.root={cifar_root}"] if kind == "cifar10" else []
+    return DATA_COMPANIONS[kind] + extra
+
+
+def instantiate(overrides: list[str]):
+    """What a job does before training: the method's data kinds, the profile, validation;
+    then the networks the config names are built."""
+    import torch
+
+    from dipddpm.models import build_backbone
+    from dipddpm.train import prepare_job
+
+    method, cfg, _ = prepare_job(composed(*overrides, "device=cpu"))
+    for group in ("backbone", "eps_net"):
+        if cfg.get(group) is not None:
+            assert isinstance(build_backbone(cfg[group], 3, 3), torch.nn.Module)
+    return method, cfg
+
+
+@pytest.mark.parametrize("group,option", [o for o in OPTIONS if o[0] != "experiment"],
+                         ids=[f"{g}={o}" for g, o in OPTIONS if g != "experiment"])
+def test_every_option_instantiates(group, option, cifar_root):
+    prefix = "" if group in _primary_groups() else "+"
+    profile = [] if group == "profile" else ["profile=smoke"]
+    overrides = _companions(group, option, cifar_root) + [f"{prefix}{group}={option}"] + profile
+    method, cfg = instantiate(overrides)
+    assert cfg.profile.applied and cfg.data.name in method.DATA_KINDS
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("profile", ["smoke", "faithful"])
+def test_every_experiment_instantiates(name, profile):
+    method, cfg = instantiate([f"experiment={name}", f"profile={profile}"])
+    assert cfg.experiment_name == name
+
+
+@pytest.mark.parametrize("name", ["classical", "ddpm_single", "ddpm_dipnoise", "ddpm_dataset"])
+def test_dip_only_groups_stay_out_of_other_methods(name):
+    from dipddpm.methods.classical import DIP_ONLY_GROUPS
+
+    kind = __import__(f"dipddpm.methods.{name}", fromlist=["DATA_KINDS"]).DATA_KINDS[0]
+    cfg = composed(*DATA_COMPANIONS[kind], f"method={name}")
+    assert not set(DIP_ONLY_GROUPS) & set(cfg)
+    if name != "ddpm_dipnoise":  # its method.steps is the chain length, not a placeholder
+        assert "steps" not in cfg.method
+    assert set(DIP_ONLY_GROUPS) <= set(composed("method=dip"))

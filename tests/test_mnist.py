@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dipddpm.data.mnist import load_digit, load_mnist, read_idx, to_tensor, write_idx
+from dipddpm.data.mnist import load_digit, load_mnist, read_idx, to_tensor
 from dipddpm.digit_metrics import (
     DigitClassifier,
     _trace_sqrt_product,
@@ -14,6 +14,7 @@ from dipddpm.digit_metrics import (
     nearest_psnr,
 )
 from dipddpm.errors import ConfigError
+from fixtures import write_idx
 
 
 def tiny_mnist(folder, gz=False, n=6, prefix="train"):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from dipddpm.diffusion.schedule import build_schedule, cosine_schedule, linear_schedule
 from dipddpm.errors import ConfigError
 from dipddpm.plans import (
     StagePlan,
@@ -14,7 +15,6 @@ from dipddpm.plans import (
     stage_images,
     time_steps,
 )
-from dipddpm.schedulers import build_schedule, cosine_schedule, linear_schedule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -48,9 +48,26 @@ def test_softmax_beta_split_by_hand():
     assert softmax_beta_steps(betas, 10, 100) == first + [10 - sum(first)]
 
 
+def softmax_epoch(scheduler: str):
+    """epoch_plan/softmax_beta.yaml with c resolved as it is when composed with ``scheduler``."""
+    epoch = load("epoch_plan", "softmax_beta")
+    epoch.c = epoch.c_by_schedule[scheduler]
+    return epoch
+
+
+def test_softmax_c_lives_in_the_epoch_plan_with_r2s_default_per_schedule():
+    from conftest import composed
+
+    assert composed("epoch_plan=softmax_beta", "noise_plan=ddpm").epoch_plan.c == 250
+    assert composed("epoch_plan=softmax_beta", "noise_plan=ddpm", "scheduler=cosine").epoch_plan.c == 400
+    assert composed("epoch_plan=softmax_beta", "epoch_plan.c=100").epoch_plan.c == 100
+    for name in ("linear", "cosine"):
+        assert "softmax_c" not in load("scheduler", name)
+
+
 def test_softmax_beta_cosine_reproduces_r2():
-    plan = build_plan(load("noise_plan", "ddpm"), load("epoch_plan", "softmax_beta"),
-                      schedule=build_schedule(load("scheduler", "cosine")), softmax_c=400)
+    plan = build_plan(load("noise_plan", "ddpm"), softmax_epoch("cosine"),
+                      schedule=build_schedule(load("scheduler", "cosine")))
     assert [s.t for s in plan] == R2_TIMES
     assert [s.steps for s in plan] == R2_COSINE_STEPS
     assert sum(s.steps for s in plan) == 2000
@@ -68,20 +85,18 @@ def test_softmax_beta_linear_reproduces_r2():
     assert softmax_beta_steps(hand_betas, 2000, 250) == R2_LINEAR_STEPS
 
 
-def test_softmax_beta_scaling_and_requirements():
+def test_softmax_beta_floor_and_requirements():
     schedule = linear_schedule(1000, 1e-4, 0.02)
-    plan = build_plan(load("noise_plan", "ddpm"), load("epoch_plan", "softmax_beta"),
-                      schedule=schedule, step_scale=0.01, min_steps=2, softmax_c=250)
+    epoch = OmegaConf.merge(softmax_epoch("linear"), {"total": 20, "min_steps": 2})
+    plan = build_plan(load("noise_plan", "ddpm"), epoch, schedule=schedule)
     betas = [schedule.betas[t].item() for t in R2_TIMES]
     expected = [max(2, n) for n in softmax_beta_steps(betas, 20, 250)]
-    assert [s.steps for s in plan] == expected
+    assert [s.steps for s in plan] == expected and min(expected) == 2
     with pytest.raises(ConfigError) as info:
-        build_plan(load("noise_plan", "ddpm"), load("epoch_plan", "softmax_beta"),
-                   schedule=schedule)
-    assert "epoch_plan.c" in str(info.value)
+        build_plan(load("noise_plan", "ddpm"), OmegaConf.merge(epoch, {"c": None}), schedule=schedule)
+    assert info.value.key == "epoch_plan.c"
     with pytest.raises(ConfigError) as info:
-        build_plan(load("noise_plan", "gradual"), load("epoch_plan", "softmax_beta"),
-                   schedule=schedule, softmax_c=250)
+        build_plan(load("noise_plan", "gradual"), epoch, schedule=schedule)
     assert info.value.key == "epoch_plan.name" and "ddpm" in info.value.allowed
 
 
@@ -96,16 +111,6 @@ def test_levels_presets_and_constant_plan():
         assert [s.sigma for s in plan] == sigmas
         assert [s.steps for s in plan] == [300] * len(sigmas)
         assert [s.index for s in plan] == list(range(len(sigmas)))
-
-
-def test_step_scale_rounding_and_min_steps():
-    noise = load("noise_plan", "gradual")
-    epoch = OmegaConf.merge(load("epoch_plan", "list"), {"steps": [500, 1000, 1500]})
-    assert [s.steps for s in build_plan(noise, epoch, step_scale=0.0123)] == [6, 12, 18]
-    assert [s.steps for s in build_plan(noise, epoch, step_scale=0.001, min_steps=2)] == [2, 2, 2]
-    constant = load("epoch_plan", "constant", method={"steps": 7})
-    assert [s.steps for s in build_plan(noise, constant, step_scale=0.5)] == [4, 4, 4]
-    assert [s.steps for s in build_plan(noise, constant, step_scale=0.01)] == [1, 1, 1]
 
 
 def test_list_plan_length_mismatch_names_key():

@@ -105,3 +105,59 @@ def test_group_choice_check_lists_the_options():
     assert check_group_choices(["backbone=skip", "early_stop=wmv,none"]) is None
     message = check_group_choices(["early_stop=wmv,sometimes"])
     assert message.startswith("early_stop='sometimes' is not allowed: one of ") and "psnr_patience" in message
+
+
+def test_record_job_is_the_one_job_sequence(tmp_path):
+    from dipddpm.errors import ConfigError, DivergedError
+    from dipddpm.sweep import record_job
+
+    header = {"config_hash": "h1", "config": {"a": 1}}
+    calls = []
+
+    def prepare():
+        calls.append("prepare")
+        return 3
+
+    def execute(value):
+        calls.append(f"execute {value}")
+        return {"metrics": {"value": value}}
+
+    assert record_job(tmp_path, header, prepare, execute) == "ok"
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "ok" and result["error"] is None and result["metrics"] == {"value": 3}
+    assert result["config_hash"] == "h1" and result["started"] <= result["finished"]
+    assert calls == ["prepare", "execute 3"] and not (tmp_path / ".lock").exists()
+
+    # complete for the same hash: skipped without preparing; force or another hash runs it again
+    assert record_job(tmp_path, header, prepare, execute) == "ok" and len(calls) == 2
+    assert record_job(tmp_path, header, prepare, execute, force=True) == "ok" and len(calls) == 4
+
+    # a config error does not replace a complete result; other errors are recorded with a traceback
+    def bad_config():
+        raise ConfigError("data.sigma", 2, "a number in [0, 1]")
+
+    assert record_job(tmp_path, {**header, "config_hash": "h2"}, bad_config, execute) == "failed"
+    assert json.loads((tmp_path / "result.json").read_text())["config_hash"] == "h1"
+
+    def broken(value):
+        raise RuntimeError("boom")
+
+    assert record_job(tmp_path, header, prepare, broken, force=True) == "failed"
+    failed = json.loads((tmp_path / "result.json").read_text())
+    assert failed["error"]["type"] == "RuntimeError" and failed["error"]["message"] == "boom"
+    assert "boom" in (tmp_path / "traceback.txt").read_text() and failed["metrics"] == {}
+
+    def diverging(value):
+        raise DivergedError(7, float("nan"))
+
+    assert record_job(tmp_path, header, prepare, diverging) == "diverged"
+    assert json.loads((tmp_path / "result.json").read_text())["error"]["step"] == 7
+
+    # an outcome that is not recorded (a dry run) leaves result.json alone; a held lock means "running"
+    before = (tmp_path / "result.json").read_text()
+    assert record_job(tmp_path, header, prepare, lambda value: "dry_run", force=True) == "dry_run"
+    assert (tmp_path / "result.json").read_text() == before
+    lock = JobLock(tmp_path / ".lock")
+    assert lock.acquire()
+    assert record_job(tmp_path, header, prepare, execute, force=True) == "running"
+    lock.release()

@@ -61,6 +61,8 @@ def test_same_seed_gives_identical_metrics(train, tmp_path):
     (["backbone=cnn", "backbone.depth=7"], "backbone.depth=7"),
     (["data.sizee=3"], "data.sizee='3'"),
     (["early_stop=sometimes"], "early_stop='sometimes'"),
+    (["data=mnist"], "data='mnist'"),
+    (["method=classical", "data=digit"], "data='digit'"),
 ])
 def test_bad_input_is_one_line_naming_the_key(train, tmp_path, args, key):
     proc = train(*args, f"output_root={tmp_path}")
@@ -68,6 +70,16 @@ def test_bad_input_is_one_line_naming_the_key(train, tmp_path, args, key):
     lines = [l for l in proc.stderr.splitlines() if l.strip() and "Warning" not in l and "warn" not in l]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"dipddpm-train: error: {key} is not allowed: ")
+    assert not list(tmp_path.rglob("result.json"))
+
+
+def test_an_undecodable_image_file_is_a_config_error(train, tmp_path):
+    fake = tmp_path / "x.png"
+    fake.write_text("not an image\n")
+    proc = train(f"data.path={fake}", f"output_root={tmp_path}")
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip() and "Warning" not in l and "warn" not in l]
+    assert lines == [f"dipddpm-train: error: data.path='{fake}' is not allowed: a readable image file (OSError)"]
     assert not list(tmp_path.rglob("result.json"))
 
 

@@ -67,20 +67,6 @@ def uint8_to_symmetric(images: np.ndarray) -> torch.Tensor:
 # ---------------------------------------------------------------- CIFAR-10
 
 
-def write_cifar_batch(path, images: np.ndarray, labels) -> Path:
-    """Write uint8 images (N, 32, 32, 3) and labels as a CIFAR-10 python batch (pickle of
-    {b"data": (N, 3072) uint8 in channel-major RGB order, b"labels": list})."""
-    path = Path(path)
-    images = np.asarray(images, dtype=np.uint8)
-    data = images.transpose(0, 3, 1, 2).reshape(len(images), 3 * SIDE * SIDE)
-    payload = {b"batch_label": path.name.encode(), b"labels": [int(v) for v in labels], b"data": data,
-               b"filenames": [f"{i}.png".encode() for i in range(len(images))]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as handle:
-        pickle.dump(payload, handle)
-    return path
-
-
 def _cifar_folder(root) -> Path:
     require(root is not None, "data.root", root, _MISSING)
     folder = Path(str(root)).expanduser()

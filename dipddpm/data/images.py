@@ -76,16 +76,17 @@ def resolve_source(image: str | None, path: str | None, folder: str | None) -> t
     return image, None
 
 
+def read_file(file: Path) -> np.ndarray:
+    """The decoded pixels of an image file; ConfigError naming data.path when it cannot be decoded."""
+    try:
+        return skio.imread(str(file))
+    except Exception as exc:  # unreadable or not an image
+        raise ConfigError("data.path", str(file), f"a readable image file ({type(exc).__name__})") from None
+
+
 def load_image(name: str, file: Path | None, size: int | None, grayscale: bool) -> np.ndarray:
     """Load, centre-crop to a square, resize to size x size; HxWxC float32 in [0, 1]."""
-    if file is None:
-        raw = getattr(skdata, name)()
-    else:
-        try:
-            raw = skio.imread(str(file))
-        except Exception as exc:  # unreadable or not an image
-            raise ConfigError("data.path", str(file), f"a readable image file ({type(exc).__name__})") from None
-    image = _to_float_rgb(raw)
+    image = _to_float_rgb(getattr(skdata, name)() if file is None else read_file(file))
     if grayscale and image.shape[2] == 3:
         image = color.rgb2gray(image).astype(np.float32)[:, :, None]
     height, width = image.shape[:2]
@@ -112,7 +113,9 @@ def validate_image_config(cfg) -> None:
     require(isinstance(sigma, (int, float)) and 0.0 <= float(sigma) <= 1.0, "data.sigma", sigma, "a number in [0, 1]")
     size = cfg.get("size")
     require(size is None or (isinstance(size, int) and size >= 8), "data.size", size, "null or an integer >= 8")
-    resolve_source(cfg.get("image"), cfg.get("path"), cfg.get("folder"))
+    _, file = resolve_source(cfg.get("image"), cfg.get("path"), cfg.get("folder"))
+    if file is not None:
+        read_file(file)
 
 
 def load_observation(cfg, size: int | None = None) -> Observation:

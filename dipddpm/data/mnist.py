@@ -32,8 +32,6 @@ _IDX_DTYPES = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
-_IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
-              np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
 _MISSING = "a folder with MNIST IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, " \
            "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (optionally .gz), or null for the bundled digits"
 
@@ -56,22 +54,6 @@ def read_idx(path) -> np.ndarray:
     if len(body) != count * dtype.itemsize:
         raise ValueError(f"{path}: expected {count * dtype.itemsize} data bytes, found {len(body)}")
     return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
-
-
-def write_idx(path, array) -> Path:
-    """Write ``array`` (uint8, int8, int16, int32, float32 or float64) as an IDX file;
-    gzipped when the name ends with .gz."""
-    path = Path(path)
-    array = np.asarray(array)
-    native = array.dtype.newbyteorder("=")
-    if native not in _IDX_CODES:
-        raise ValueError(f"IDX cannot store dtype {array.dtype}")
-    header = bytes([0, 0, _IDX_CODES[native], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    data = header + array.astype(native.newbyteorder(">")).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with (gzip.open(path, "wb") if path.suffix == ".gz" else open(path, "wb")) as handle:
-        handle.write(data)
-    return path
 
 
 def _find(root: Path, stem: str) -> Path | None:

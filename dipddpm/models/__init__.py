@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from omegaconf import OmegaConf
-
-from dipddpm.errors import ConfigError, require, require_choice
+from dipddpm.errors import ConfigError, require_choice
 
 FAMILIES = {
     "cnn": "dipddpm.models.cnn",
@@ -27,23 +25,6 @@ FAMILIES = {
 def _family(cfg):
     require_choice("backbone.name", cfg.name, FAMILIES)
     return importlib.import_module(FAMILIES[cfg.name])
-
-
-def backbone_for_profile(cfg, profile_name: str | None):
-    """``cfg`` with ``cfg.at_profile[profile_name]`` merged over it and ``at_profile`` removed.
-
-    A backbone file may carry smaller presets for the short profiles (e.g. a narrow
-    SegNet under ``smoke``); other profiles get the keys as written. A preset key the
-    backbone config does not have is a ConfigError naming ``backbone.at_profile.<profile>``.
-    """
-    plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    presets = plain.pop("at_profile", None) or {}
-    require(isinstance(presets, dict), "backbone.at_profile", presets, "a mapping from profile name to backbone keys")
-    preset = presets.get(profile_name) or {}
-    require(isinstance(preset, dict), f"backbone.at_profile.{profile_name}", preset, "a mapping of backbone keys")
-    unknown = sorted(set(preset) - set(plain))
-    require(not unknown, f"backbone.at_profile.{profile_name}", unknown, "keys of the backbone: " + ", ".join(plain))
-    return OmegaConf.create({**plain, **preset})
 
 
 def build_backbone(cfg, in_channels: int, out_channels: int):
