@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Run every experiment of a profile (faithful | quick | smoke), resumable, then write
-# outputs/REPRODUCTION.md. Extra arguments go to every sweep, e.g. seeds=1.
+# Run every report table's sweep of a profile that is not finished (default: standard) into the
+# committed folder outputs/reproduction/<profile>/, then regenerate the tables and
+# docs/REPRODUCTION.md. Up to date: only the regeneration, in seconds. Extra arguments go to
+# dipddpm-reproduce, e.g. --only staged/levels_1000, --report-only, or overrides such as seeds=1.
 set -euo pipefail
-exec python -m dipddpm.reproduce "${1:-quick}" "${@:2}"
+exec python -m dipddpm.reproduce "${1:-standard}" "${@:2}"

@@ -240,6 +240,7 @@ def test_dip_sweep_with_baselines_gets_classical_rows_without_changing_its_jobs(
     for folder in baselines:
         result = json.loads((folder / "result.json").read_text())
         assert (result["status"], result["method"], result["baseline_of"]) == ("ok", "classical", jobs)
+        assert not [key for key in result["config"] if key.split(".")[0] in classical.DIP_ONLY_GROUPS]
         assert (folder / "noisy.png").read_bytes() == (sweep / jobs[1] / "noisy.png").read_bytes()
     table = (sweep / "table.md").read_text()
     assert "| classical: nlm |" in table and "| classical: tv |" in table
@@ -263,8 +264,9 @@ def test_cset_experiment_gives_an_image_by_algorithm_table_with_a_mean_row(tmp_p
     lines = (sweep / "table.md").read_text().splitlines()
     rows = [line.split(" | ")[0].lstrip("| ") for line in lines[4:] if line.startswith("| ")]
     assert rows == ["astronaut", "camera", "mean"]
-    assert lines[2].startswith("| image | PSNR [method.algorithm=NLM] | SSIM [method.algorithm=NLM] | PSNR [")
+    assert lines[2].startswith("| image | uses clean image | PSNR [method.algorithm=NLM] | SSIM [method.algorithm=NLM] | PSNR [")
+    assert [line.split(" | ")[1] for line in lines[4:6]] == ["no", "no"]
     mean_cells = lines[4 + 2].split(" | ")
-    for position, algorithm in ((1, "nlm"), (3, "tv")):
+    for position, algorithm in ((2, "nlm"), (4, "tv")):
         expected = np.mean(list(psnr[algorithm].values()))
         assert mean_cells[position].startswith(f"{expected:.2f} ± "), (mean_cells, expected)

@@ -2,6 +2,7 @@
 
 Column scheme of the gathered frame (and of results.csv):
   job_dir status error seed method experiment config_hash   run identity
+  uses_clean_image     result.json's flag (true: the clean image steered the run), when recorded
   override.<key>       the job's sweep overrides (strings)
   choice.<group>       config group choices
   cfg.<dotted.key>     flattened config (table/report/hydra subtrees left out)
@@ -25,9 +26,9 @@ from dipddpm.io import read_json
 from dipddpm.sweep import nested_config
 
 BASE_COLUMNS = ["job_dir", "status", "error", "seed", "method", "experiment", "config_hash"]
-OPTIONAL_BASE_COLUMNS = ["baseline"]     # present only when some run is a classical baseline
+OPTIONAL_BASE_COLUMNS = ["baseline", "uses_clean_image"]   # present only when some run has them
 FIELD_PREFIXES = ["override.", "choice.", "cfg.", "item."]
-TOP_LEVEL_FIELDS = ["method", "experiment", "seed", "status", "config_hash", "baseline"]
+TOP_LEVEL_FIELDS = ["method", "experiment", "seed", "status", "config_hash", "baseline", "uses_clean_image"]
 ITEMS_METRIC = "items"                   # a list of per-item dicts in metrics: one frame row per item
 SPEC_SUBTREES = ("table", "report", "hydra")
 
@@ -194,6 +195,8 @@ def _record_from_result(job_dir: Path) -> RunRecord:
     }
     if result.get("baseline"):
         row["baseline"] = str(result["baseline"])
+    if isinstance(result.get("uses_clean_image"), bool):
+        row["uses_clean_image"] = result["uses_clean_image"]
     for key, value in (result.get("overrides") or {}).items():
         row[f"override.{key}"] = _cell(value)
     for key, value in (result.get("choices") or {}).items():

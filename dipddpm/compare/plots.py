@@ -44,15 +44,15 @@ def _cell_of_runs(frame: pd.DataFrame, table: ComparisonTable, spec: dict) -> li
     return texts
 
 
-def _read_curve(job_dir: str) -> pd.DataFrame | None:
-    path = Path(job_dir) / "curve.csv"
+def _read_curve(job_dir: str, file_name: str, y: str) -> pd.DataFrame | None:
+    path = Path(job_dir) / file_name
     if not path.is_file():
         return None
     try:
         curve = pd.read_csv(path)
     except (OSError, ValueError, pd.errors.EmptyDataError):
         return None
-    if "step" not in curve.columns or "psnr" not in curve.columns:
+    if "step" not in curve.columns or y not in curve.columns:
         return None
     return curve
 
@@ -66,24 +66,26 @@ def stage_starts(curve: pd.DataFrame) -> list[float]:
     return [float(steps[i]) for i in range(1, len(stages)) if stages[i] != stages[i - 1]]
 
 
-def plot_curves(frame: pd.DataFrame, table: ComparisonTable, spec: dict, path) -> Path | None:
-    """PSNR against step for every run with a curve.csv, one colour and legend entry per table
-    cell (its seeds share them); dotted lines where stages start."""
+def plot_curves(frame: pd.DataFrame, table: ComparisonTable, spec: dict, path, file_name: str = "curve.csv",
+                y: str = "psnr") -> Path | None:
+    """Column ``y`` (PSNR by default) against step for every run with a ``file_name`` in its folder
+    (curve.csv; R5's rd_curve.csv with y="rmse"), one colour and legend entry per table cell (its
+    seeds share them); dotted lines where stages start. None (nothing written) when no run has one."""
     plt = _pyplot()
     cells = _cell_of_runs(frame, table, spec)
     colours = {cell: f"C{i % 10}" for i, cell in enumerate(dict.fromkeys(cells))}
     figure, axes = plt.subplots(figsize=(8, 5))
     drawn: set[str] = set()
     for cell, job_dir in zip(cells, frame["job_dir"]):
-        curve = _read_curve(job_dir)
+        curve = _read_curve(job_dir, file_name, y)
         if curve is None:
             continue
-        psnr = pd.to_numeric(curve["psnr"], errors="coerce")
+        values = pd.to_numeric(curve[y], errors="coerce")
         step = pd.to_numeric(curve["step"], errors="coerce")
-        evaluated = psnr.notna() & step.notna()
+        evaluated = values.notna() & step.notna()
         if not evaluated.any():
             continue
-        axes.plot(step[evaluated], psnr[evaluated], color=colours[cell], linewidth=1.2,
+        axes.plot(step[evaluated], values[evaluated], color=colours[cell], linewidth=1.2,
                   label=None if cell in drawn else cell)
         for start in stage_starts(curve):
             axes.axvline(start, color=colours[cell], linestyle=":", linewidth=0.8, alpha=0.7)
@@ -92,7 +94,7 @@ def plot_curves(frame: pd.DataFrame, table: ComparisonTable, spec: dict, path) -
         plt.close(figure)
         return None
     axes.set_xlabel("step")
-    axes.set_ylabel(axis_label("psnr"))
+    axes.set_ylabel(axis_label(y))
     axes.set_title(table.title)
     axes.grid(True, alpha=0.3)
     if len(drawn) <= MAX_LEGEND_ENTRIES:

@@ -20,6 +20,11 @@ PREFERRED_VALUES = ["psnr_final", "ssim_final", "wall_seconds"]
 DEFAULT_FORMAT = ".4g"
 MISSING_CELL = "missing"
 UNPAIRED = "unpaired"
+LEARNED, COLLAPSED = "ok", "collapsed"   # statuses of runs that finished with metrics
+ALL_RUNS = " (all runs)"                 # header suffix of a value over learned and collapsed runs
+USES_CLEAN_HEADER = "uses clean image"
+COLLAPSED_NOTE = ("collapsed k of n: of the n runs that finished, k ended with an output constant over the image; "
+                  "cells are the mean ± std of the runs that learned, `(all runs)` cells include the collapsed ones.")
 
 
 @dataclass
@@ -67,6 +72,14 @@ def _as_number(value):
         number = float(value)
         return number if math.isfinite(number) else None
     return None
+
+
+def _clean_image_text(flags) -> str:
+    """A row's uses_clean_image flags ("true"/"false", "" when not recorded) -> yes | no | mixed."""
+    present = {flag for flag in flags if flag}
+    if not present:
+        return ""
+    return "mixed" if len(present) > 1 else ("yes" if present == {"true"} else "no")
 
 
 def _format_report(value) -> str:
@@ -184,7 +197,15 @@ class _Layout:
         self.row_keys = list(zip(*(keyed[f] for f in self.row_fields))) if self.row_fields else [()] * len(frame)
         self.col_keys = list(zip(*(keyed[f] for f in self.column_fields))) if self.column_fields else [()] * len(frame)
         self._place_baselines(keyed)
-        self.is_ok = frame["status"].map(lambda status: status == "ok").to_numpy(dtype=bool)
+        self.is_ok = frame["status"].map(lambda status: status == LEARNED).to_numpy(dtype=bool)
+        self.is_collapsed = frame["status"].map(lambda status: status == COLLAPSED).to_numpy(dtype=bool)
+        self.is_finished = self.is_ok | self.is_collapsed
+        # collapse was checked when a run has the `collapsed` metric or status; all-runs cells when one collapsed
+        self.checks_collapse = bool(self.is_collapsed.any()) or (
+            "collapsed" in frame.columns and bool(pd.to_numeric(frame["collapsed"], errors="coerce").notna().any()))
+        self.any_collapsed = bool(self.is_collapsed.any())
+        self.clean_flags = (frame["uses_clean_image"].map(field_text).to_numpy(dtype=object)
+                            if "uses_clean_image" in frame.columns and "uses_clean_image" not in self.values else None)
         self.seeds = frame["seed"].map(field_text).to_numpy(dtype=object)
         self.numbers = {
             name: pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=float)
@@ -247,7 +268,35 @@ class _Layout:
 
     def new_row(self, kind: str, row_key: tuple) -> _Row:
         display = {self.labels.header(f): self.labels.value(f, v) for f, v in zip(self.row_fields, row_key)}
+        if self.clean_flags is not None:
+            display[USES_CLEAN_HEADER] = ""
         return _Row(kind, row_key, display)
+
+    def put_all_runs(self, row: _Row, numeric: dict, col_key: tuple, name: str, summary) -> None:
+        """One value over every finished run of the cell (learned and collapsed) beside the learned-only cell."""
+        mean, std, count = summary
+        numeric[f"{name}_all_mean"], numeric[f"{name}_all_std"] = mean, std
+        row.display[self.header(col_key, name) + ALL_RUNS] = _format_ours(mean, std, count,
+                                                                           str(self.formats.get(name, DEFAULT_FORMAT)))
+
+    def put_counts(self, row: _Row, numeric: dict, members: np.ndarray) -> None:
+        """n (learned), collapsed (when checked) and failed (diverged, failed, missing) of a cell."""
+        numeric["n"] = int((members & self.is_ok).sum())
+        if self.checks_collapse:
+            numeric["collapsed"] = int((members & self.is_collapsed).sum())
+        numeric["failed"] = int((members & ~self.is_finished).sum())
+        if self.clean_flags is not None:
+            numeric["uses_clean_image"] = _clean_image_text(self.clean_flags[members]) or None
+
+    def put_row_counts(self, row: _Row, members: np.ndarray) -> None:
+        """The row's n, `collapsed k of n` (n: runs that finished) and failed, over all its cells."""
+        learned, collapsed = int((members & self.is_ok).sum()), int((members & self.is_collapsed).sum())
+        row.display["n"] = learned
+        if self.checks_collapse:
+            row.display["collapsed"] = f"{collapsed} of {learned + collapsed}"
+        row.display["failed"] = int((members & ~self.is_finished).sum())
+        if self.clean_flags is not None:
+            row.display[USES_CLEAN_HEADER] = _clean_image_text(self.clean_flags[members])
 
     def put(self, row: _Row, numeric: dict, col_key: tuple, name: str, summary, report_value=None,
             empty: str | None = None) -> None:
@@ -283,32 +332,50 @@ def _run_row(layout: _Layout, row_key: tuple, kind: str, totals: dict, row_means
                 row_means.setdefault((col_key, name), []).append(summary[0])
             else:
                 layout.put(row, numeric, col_key, name, summary, empty=NO_VALUE if ok.any() else None)
-        numeric["n"], numeric["failed"] = int(ok.sum()), int((members & ~layout.is_ok).sum())
+            if layout.any_collapsed:
+                every = _summary(layout.numbers[name][members & layout.is_finished])
+                layout.put_all_runs(row, numeric, col_key, name, every)
+                if kind == "regular":
+                    row_means.setdefault((col_key, name + ALL_RUNS), []).append(every[0])
+        layout.put_counts(row, numeric, members)
         if kind == "regular":
-            cell_total = totals.setdefault(col_key, [0, 0])
-            cell_total[0] += numeric["n"]
-            cell_total[1] += numeric["failed"]
+            cell_total = totals.setdefault(col_key, {})
+            for count in ("n", "collapsed", "failed"):
+                if count in numeric:
+                    cell_total[count] = cell_total.get(count, 0) + numeric[count]
         row_members |= members
         row.numeric.append(numeric)
         row.members.append(members)
-    row.display["n"] = int((row_members & layout.is_ok).sum())
-    row.display["failed"] = int((row_members & ~layout.is_ok).sum())
+    layout.put_row_counts(row, row_members)
     return row
 
 
 def _mean_row(layout: _Layout, row_key: tuple, totals: dict, row_means: dict) -> _Row:
     """Mean ± std over the regular rows' means (each already a mean over seeds); n and failed summed."""
     row = layout.new_row("mean", row_key)
-    row.display["n"] = row.display["failed"] = 0
+    summed = {"n": 0, "collapsed": 0, "failed": 0}
     for col_key in layout.cols_order:
         numeric = dict(zip(layout.row_fields, row_key)) | dict(zip(layout.column_fields, col_key))
         for name in layout.values:
             layout.put(row, numeric, col_key, name, _summary(np.array(row_means.get((col_key, name), []), dtype=float)))
-        numeric["n"], numeric["failed"] = totals.get(col_key, [0, 0])
-        row.display["n"] += numeric["n"]
-        row.display["failed"] += numeric["failed"]
+            if layout.any_collapsed:
+                layout.put_all_runs(row, numeric, col_key, name,
+                                    _summary(np.array(row_means.get((col_key, name + ALL_RUNS), []), dtype=float)))
+        counts = totals.get(col_key, {})
+        numeric["n"] = counts.get("n", 0)
+        if layout.checks_collapse:
+            numeric["collapsed"] = counts.get("collapsed", 0)
+        numeric["failed"] = counts.get("failed", 0)
+        if layout.clean_flags is not None:
+            numeric["uses_clean_image"] = None
+        for count in summed:
+            summed[count] += numeric.get(count, 0)
         row.numeric.append(numeric)
         row.members.append(np.zeros(len(layout.frame), dtype=bool))
+    row.display["n"] = summed["n"]
+    if layout.checks_collapse:
+        row.display["collapsed"] = f"{summed['collapsed']} of {summed['n'] + summed['collapsed']}"
+    row.display["failed"] = summed["failed"]
     return row
 
 
@@ -422,19 +489,27 @@ def build_table(frame: pd.DataFrame, spec: dict | None = None) -> ComparisonTabl
             else _run_row(layout, key, kind, totals, row_means) for key, kind in layout.row_orders(spec)]
     delta_headers, notes = _add_deltas(layout, rows, spec["baseline"]) if spec.get("baseline") else ([], "")
 
+    clean_column = [USES_CLEAN_HEADER] if layout.clean_flags is not None else []
+    counts = ["n"] + (["collapsed"] if layout.checks_collapse else []) + ["failed"]
     numeric_columns = list(dict.fromkeys(layout.row_fields + layout.column_fields))
-    parts = ("mean", "std", "report") + (("delta", "delta_std", "paired") if delta_headers else ())
-    numeric_columns += [f"{name}_{part}" for name in layout.values for part in parts] + ["n", "failed"]
+    numeric_columns += ["uses_clean_image"] if clean_column else []
+    parts = (("mean", "std", "report") + (("all_mean", "all_std") if layout.any_collapsed else ())
+             + (("delta", "delta_std", "paired") if delta_headers else ()))
+    numeric_columns += [f"{name}_{part}" for name in layout.values for part in parts] + counts
     numeric_frame = pd.DataFrame([line for row in rows for line in row.numeric], columns=numeric_columns)
 
-    display_columns = [layout.labels.header(f) for f in layout.row_fields]
+    display_columns = [layout.labels.header(f) for f in layout.row_fields] + clean_column
     for col_key in layout.cols_order:
         for name in layout.values:
             display_columns.append(layout.header(col_key, name))
+            if layout.any_collapsed:
+                display_columns.append(layout.header(col_key, name) + ALL_RUNS)
             if (col_key, name) in layout.reported:
                 display_columns.append(layout.header(col_key, name) + " (report)")
-    display_columns += delta_headers + ["n", "failed"]
+    display_columns += delta_headers + counts
     display_frame = pd.DataFrame([row.display for row in rows], columns=display_columns, dtype=object)
+    if layout.checks_collapse:
+        notes = "\n\n".join(note for note in (notes, COLLAPSED_NOTE) if note)
     title = str(spec.get("title") or _default_title(frame))
     markdown = f"## {title}\n\n{markdown_table(display_frame)}\n" + (f"\n{notes}\n" if notes else "")
     return ComparisonTable(
