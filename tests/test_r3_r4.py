@@ -34,7 +34,7 @@ SMOKE = ["profile=smoke", "seeds=1", "threads=1"]
 EXPERIMENTS = {
     "truncated/dip_vs_clean": ([], 2, 2),
     "truncated/schedule_length": ([], 2, 2),
-    "dipnoise/time_vs_steps": (["method.steps=100,1000"], 4, 1),
+    "dipnoise/time_vs_steps": (["method.steps=100"], 3, 1),  # 3 rows; 100 and 1000 in test_t41_ddim_rows_load_*
     "dipnoise/passes_steps": (["method.dip_passes=0,50", "method.steps=900"], 2, 1),
     "dipnoise/ddpm_epochs": (["method.train.epochs=5,20"], 2, 1),
     "dipnoise/dip_in_training": (["method.dip_passes=2"], 2, 2),
@@ -266,3 +266,72 @@ def test_r4_can_run_ddim_over_the_whole_chain_in_its_steps():
     plain = sample(CountingEps(), schedule, (2, 1, 4, 4), sampler="ddim", t_start=49, calls=7,
                    generator=torch.Generator().manual_seed(3))
     assert torch.equal(ours.samples, plain.samples)
+
+
+def sweep_jobs(experiment: str, *overrides: str) -> list[dict]:
+    """The jobs Hydra's basic sweeper makes from an experiment's hydra.sweeper.params, each as
+    {key: value text}."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}", *overrides], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
+    parsed = OverridesParser.create().parse_overrides([f"{key}={value}" for key, value in params.items()])
+    (jobs,) = BasicSweeper.split_arguments(parsed, None)
+    return [dict(item.split("=", 1) for item in job) for job in jobs]
+
+
+R4_ROWS = {  # r4_row -> (DIP passes, sampler, t_start of a chain of s calls)
+    "ddpm": (0, "ancestral", lambda s: s - 1),
+    "dip_ddpm": (2, "ancestral", lambda s: s - 1),
+    "ddim": (0, "ddim", lambda s: 999),
+}
+
+
+def test_t41_sweeps_ddpm_dip_and_ddim_rows_at_equal_network_calls():
+    """Issue 14 item 4: T4.1 has a DDIM row (no DIP, t = 999 .. 0) beside each truncated-chain row,
+    with as many network calls as the truncated chain has steps, for every chain length."""
+    jobs = sweep_jobs("dipnoise/time_vs_steps", "seeds=2")
+    steps = list(range(100, 1001, 100))
+    assert sorted((j["seed"], j["r4_row"], int(j["method.steps"])) for j in jobs) == sorted(
+        (str(seed), row, s) for seed in range(2) for row in R4_ROWS for s in steps)
+    for row, (passes, sampler, t_start) in R4_ROWS.items():
+        for s in (100, 700):
+            cfg = composed("experiment=dipnoise/time_vs_steps", "profile=quick", f"r4_row={row}", f"method.steps={s}")
+            ddpm_dipnoise.validate(cfg)
+            _, plan = ddpm_dipnoise.describe(cfg)
+            assert (plan["dip_passes"], plan["sampler"], plan["t_start"], plan["chain_steps"]) == (
+                passes, sampler, t_start(s), s)
+            assert cfg.method.sample.eta == 0.0 and cfg.method.train.seed == 0
+    spec = OmegaConf.to_container(composed("experiment=dipnoise/time_vs_steps").table)
+    assert spec["rows"] == ["r4_row"] and spec["labels"]["r4_row"]["ddim"] == "DDIM (same calls)"
+    assert {"frechet", "confidence", "sample_seconds"} <= set(spec["values"])
+    versus_ddim = [c for c in spec["claims"] if c["worse"].get("r4_row") == "ddim"]
+    assert {(c["better"]["r4_row"], c["metric"], c["better"]["method.steps"]) for c in versus_ddim} >= {
+        ("dip_ddpm", "frechet", 100), ("dip_ddpm", "confidence", 100)}
+
+
+@pytest.mark.slow
+def test_t41_ddim_rows_load_the_ddpm_the_truncated_rows_trained(tmp_path, classifier_files):
+    """In a T4.1 sweep the DDPM is trained once; the DDIM jobs load that checkpoint and make as
+    many network calls as the truncated chains of the same length."""
+    cache = fresh_cache(tmp_path, classifier_files)
+    sweep, results = run_sweep("dipnoise/time_vs_steps", tmp_path, cache, ["method.steps=100,1000"])
+    by_row = {(r["overrides"]["r4_row"], r["config"]["method.steps"]): r for r in results}
+    assert sorted(by_row) == sorted((row, s) for row in R4_ROWS for s in (100, 1000))
+    assert all(r["status"] == "ok" for r in results)
+    assert sum(r["metrics"]["ddpm_trained_now"] for r in results) == 1
+    eps_nets = [p for p in cache.glob("*.json") if json.loads(p.read_text()).get("config", {}).get("kind") == "eps_net"]
+    assert len(eps_nets) == 1
+    for s in (100, 1000):
+        ddim, truncated = by_row["ddim", s], by_row["ddpm", s]
+        assert ddim["config"]["method.sample.sampler"] == "ddim" and ddim["config"]["method.sample.t_start"] == 999
+        assert ddim["config"]["method.dip_passes"] == 0 and "dip_trained_now" not in ddim["metrics"]
+        assert ddim["metrics"]["model_calls"] == truncated["metrics"]["model_calls"] == expected_calls(truncated)
+        assert by_row["dip_ddpm", s]["metrics"]["model_calls"] == expected_calls(truncated)
+        for row in R4_ROWS:
+            metrics = by_row[row, s]["metrics"]
+            assert 0.0 <= metrics["confidence"] <= 1.0 and metrics["frechet"] >= 0.0 and metrics["sample_seconds"] > 0
+    assert "DDIM (same calls)" in (sweep / "table.md").read_text()
