@@ -22,13 +22,18 @@ from dipddpm.errors import ConfigError, require, require_choice
 from dipddpm.io import read_json, save_image_atomic
 from dipddpm.methods.dip import effective_size
 from dipddpm.metrics import psnr, psnr_uint8, ssim
-from dipddpm.sweep import Callback, JobLock, failed_result, is_complete, nested_config, now, write_result
+from dipddpm.sweep import Callback, nested_config, record_job
 
 log = logging.getLogger("dipddpm")
 
+DATA_KINDS = ("image",)  # data groups this method accepts (checked by methods.require_data_kind)
+DIP_ONLY_GROUPS = ("optim", "noise_plan", "epoch_plan", "early_stop")  # not in a classical config (method yaml)
 ALGORITHMS = ("nlm", "tv", "wavelet", "bm3d")
 SIGMA_SOURCES = ("known", "estimated")
 INSTALL_HINT = "install it with pip install 'dipddpm[baselines]'"
+NOT_INSTALLED_NOTE = "not installed (pip install 'dipddpm[baselines]')"   # a run's note when if_missing=note
+IF_MISSING = ("error", "note")
+ZERO_SHOT_BASELINES = ("zsn2n", "noise2fast")   # methods that also run as baselines, each with its own config
 PACKAGE_NEEDED = {"bm3d": ("bm3d", "bm3d"), "wavelet": ("pywt", "PyWavelets")}
 BASELINE_PREFIX = "baseline="
 BM3D_PROFILES = ("np", "refilter", "vn", "high", "deb")
@@ -151,13 +156,15 @@ def _image_data(cfg, name: str | None):
 
 def validate(cfg) -> None:
     m = cfg.method
-    require_algorithm(m.algorithm)
+    require_choice("method.if_missing", m.get("if_missing", "error"), IF_MISSING)
+    if m.get("if_missing", "error") == "error":
+        require_algorithm(m.algorithm)
+    require_choice("method.algorithm", m.algorithm, ALGORITHMS)
     require_choice("method.sigma", m.sigma, SIGMA_SOURCES)
     if m.sigma == "estimated" and package_missing("wavelet"):
         raise ConfigError("method.sigma", m.sigma, "estimate_sigma needs the PyWavelets package, which is not "
                                                    f"installed; {INSTALL_HINT}")
     require_choice("method.psnr_metric", m.psnr_metric, ("float", "uint8"))
-    require_choice("data.name", cfg.data.name, ("image",))
     require(float(m.nlm.h_factor) > 0, "method.nlm.h_factor", m.nlm.h_factor, "a number > 0")
     require(isinstance(m.nlm.patch_size, int) and m.nlm.patch_size >= 1, "method.nlm.patch_size",
             m.nlm.patch_size, "an integer >= 1")
@@ -230,10 +237,21 @@ def _score_image(cfg, data_cfg, size, out_dir: Path) -> dict:
     return metrics
 
 
+def _not_installed(cfg, names: list[str] | None) -> dict:
+    """The metrics of a run whose algorithm's package is missing (method.if_missing=note): the
+    note, per image for a set run, so its table cells read it instead of a failed job."""
+    note = {"algorithm": cfg.method.algorithm, "note": NOT_INSTALLED_NOTE,
+            "not_installed": package_missing(cfg.method.algorithm)}
+    log.info("%s: %s", cfg.method.algorithm, NOT_INSTALLED_NOTE)
+    return note if names is None else note | {"items": [{"image": name, "note": NOT_INSTALLED_NOTE} for name in names]}
+
+
 def run(ctx) -> dict:
     cfg = ctx.cfg
     size = effective_size(cfg)
     names = image_names(cfg)
+    if package_missing(cfg.method.algorithm):
+        return _not_installed(cfg, names)
     if names is None:
         metrics = _score_image(cfg, cfg.data, size, ctx.run_dir)
         metrics["algorithm"] = cfg.method.algorithm
@@ -295,7 +313,9 @@ def _job_description(job_dir: Path) -> dict | None:
 
 
 def observation_key(config: dict) -> str | None:
-    """A short hash of what fixes a job's observation and its scoring: data group, image side, PSNR kind."""
+    """A short hash of what fixes a job's observation and its scoring: data group, image side
+    (after the job's profile), PSNR kind."""
+    from dipddpm.profile import apply_profile
     from dipddpm.sweep import config_hash
 
     cfg = OmegaConf.create(config)
@@ -305,7 +325,7 @@ def observation_key(config: dict) -> str | None:
     if method.get("name") == "classical":
         return None
     try:
-        size = effective_size(cfg)
+        size = effective_size(apply_profile(cfg))
     except (ConfigError, KeyError, AttributeError, ValueError):
         return None
     identity = OmegaConf.create({"data": cfg.data, "size": size, "psnr_metric": method.get("psnr_metric", "float")})
@@ -334,13 +354,19 @@ def observation_groups(sweep_dir: Path) -> list[ObservationGroup]:
 
 
 def baseline_config(job_config: dict, algorithm: str) -> DictConfig:
-    """A sweep job's config with its method replaced by method=classical running ``algorithm``."""
+    """A sweep job's config with its method replaced by method=classical running ``algorithm``
+    (a missing package gives a note, not a failure), or by ``method=<algorithm>`` for a zero-shot one."""
     from dipddpm.sweep import config_dir
 
-    method = OmegaConf.load(config_dir() / "method" / "classical.yaml")
-    method.algorithm = algorithm
+    name = algorithm if algorithm in ZERO_SHOT_BASELINES else "classical"
+    method = OmegaConf.load(config_dir() / "method" / f"{name}.yaml")
+    method.pop("defaults", None)  # Hydra's defaults list of the file, not a method key
+    if name == "classical":
+        method.algorithm = algorithm
+        method.if_missing = "note"
     method.psnr_metric = (job_config.get("method") or {}).get("psnr_metric", "float")
-    config = OmegaConf.create({key: value for key, value in job_config.items() if key != "method"})
+    config = OmegaConf.create({key: value for key, value in job_config.items()
+                               if key != "method" and key not in DIP_ONLY_GROUPS})
     config.method = method
     config.seed = 0
     return config
@@ -349,9 +375,9 @@ def baseline_config(job_config: dict, algorithm: str) -> DictConfig:
 def _baseline_header(cfg: DictConfig, group: ObservationGroup, algorithm: str) -> dict:
     from dipddpm.sweep import config_hash, flat_config
 
-    return {"experiment": group.experiment, "method": "classical", "seed": 0, "baseline": algorithm,
+    return {"experiment": group.experiment, "method": cfg.method.name, "seed": 0, "baseline": algorithm,
             "baseline_of": group.jobs, "observation": group.key, "overrides": {},
-            "choices": group.choices | {"method": "classical"}, "config": flat_config(cfg),
+            "choices": group.choices | {"method": cfg.method.name}, "config": flat_config(cfg),
             "config_hash": config_hash(cfg), "table": group.table}
 
 
@@ -359,43 +385,37 @@ def run_baseline(sweep_dir: Path, group: ObservationGroup, algorithm: str, force
     """Run one algorithm for one observation group into sweep_dir/baseline=<algorithm>,data=<key>; its status."""
     import torch
 
-    from dipddpm.runtime import RunContext
+    from dipddpm.methods import get_method
+    from dipddpm.profile import apply_profile
+    from dipddpm.runtime import RunContext, resolve_device, seed_everything
 
     run_dir = Path(sweep_dir) / f"{BASELINE_PREFIX}{algorithm},data={group.key}"
     cfg = baseline_config(group.config, algorithm)
-    header = _baseline_header(cfg, group, algorithm)
-    result_path = run_dir / "result.json"
-    if not force and is_complete(result_path, header["config_hash"]):
-        return read_json(result_path)["status"]
-    lock = JobLock(run_dir / ".lock")
-    if not lock.acquire():
-        return "running"
-    started = now()
-    try:
-        validate(cfg)
-        ctx = RunContext(cfg=cfg, run_dir=run_dir, device=torch.device("cpu"), seed=0, progress=False,
-                         cache_dir=Path(str(cfg.get("cache_dir") or "outputs/cache")).absolute())
-        result = {"status": "ok", "error": None, **header, "device": "cpu", "uses_clean_image": False,
-                  "clean_image_uses": [], "metrics": run(ctx)}
-    except Exception as error:  # recorded like a failed sweep job
-        result = failed_result(run_dir, error, header)
-    finally:
-        lock.release()
-    write_result(result_path, result, started)
-    return result["status"]
+    method = get_method(cfg.method.name)
+    device = torch.device("cpu") if method.__name__ == __name__ else resolve_device("auto")
+
+    def prepare():
+        scaled = apply_profile(cfg)
+        method.validate(scaled)
+        return scaled
+
+    def execute(scaled):
+        seed_everything(0)
+        ctx = RunContext(cfg=scaled, run_dir=run_dir, device=device, seed=0, progress=False,
+                         cache_dir=Path(str(scaled.get("cache_dir") or "outputs/cache")).absolute())
+        return {"device": str(device), "uses_clean_image": False, "clean_image_uses": [], "metrics": method.run(ctx)}
+
+    return record_job(run_dir, _baseline_header(cfg, group, algorithm), prepare, execute, force=force)
 
 
 def run_baselines(sweep_dir, algorithms=None, force: bool = False) -> dict[str, str]:
     """Run every algorithm once per distinct observation of the sweep's jobs; {folder name: status}.
 
-    ``algorithms`` None means every installed one (bm3d and wavelet need optional packages).
+    ``algorithms`` None means every classical algorithm and the zero-shot methods; one whose
+    optional package is missing (bm3d, wavelet) records the not-installed note.
     """
     sweep_dir = Path(sweep_dir)
-    chosen = list(algorithms) if algorithms else available_algorithms()
-    for algorithm in ALGORITHMS:
-        if algorithm not in chosen and package_missing(algorithm):
-            log.info("baselines: %s left out (%s is not installed; %s)", algorithm, package_missing(algorithm),
-                     INSTALL_HINT)
+    chosen = list(algorithms) if algorithms else list(ALGORITHMS) + list(ZERO_SHOT_BASELINES)
     statuses = {}
     for group in observation_groups(sweep_dir):
         for algorithm in chosen:
