@@ -280,3 +280,23 @@ def test_spec_label_maps_apply_with_the_options(sweeps, tmp_path, capsys):
     lines = printed.splitlines()
     assert code == 0 and lines[2] == "| data.path | classical/NLM | classical/tv | dip | n | failed |"
     assert [line.split(" | ")[0] for line in lines[4:6]] == ["| bird", "| Head"]
+
+
+def test_a_cell_whose_runs_carry_a_note_shows_it_instead_of_missing(sweeps, tmp_path):
+    """An ok run without numbers but with a note (bm3d not installed) reads as the note."""
+    dip, classical = sweeps
+    job = classical / "bird_bm3d_s0"
+    write_run(job, "bird", "tv", 0, 0.0)
+    result = json.loads((job / "result.json").read_text(encoding="utf-8"))
+    result["config"]["method.algorithm"] = result["overrides"]["method.algorithm"] = "bm3d"
+    result["metrics"] = {"note": "not installed (pip install 'dipddpm[baselines]')"}
+    (job / "result.json").write_text(json.dumps(result), encoding="utf-8")
+    out = tmp_path / "out"
+    code = cli([str(dip), str(classical), "--rows", "data.path", "--cols", "method,method.algorithm",
+                     "--values", "psnr_final", "--out", str(out)])
+    assert code == 0
+    table = (out / "table.md").read_text(encoding="utf-8")
+    bird = next(line for line in table.splitlines() if line.startswith("| bird"))
+    assert "not installed (pip install 'dipddpm[baselines]')" in bird
+    head = next(line for line in table.splitlines() if line.startswith("| head"))
+    assert "missing" in head   # head has no bm3d run at all

@@ -26,7 +26,7 @@ from dipddpm.io import read_json
 from dipddpm.sweep import nested_config
 
 BASE_COLUMNS = ["job_dir", "status", "error", "seed", "method", "experiment", "config_hash"]
-OPTIONAL_BASE_COLUMNS = ["baseline", "uses_clean_image"]   # present only when some run has them
+OPTIONAL_BASE_COLUMNS = ["baseline", "uses_clean_image", "note"]   # present only when some run has them (note: text in place of numbers)
 FIELD_PREFIXES = ["override.", "choice.", "cfg.", "item."]
 TOP_LEVEL_FIELDS = ["method", "experiment", "seed", "status", "config_hash", "baseline", "uses_clean_image"]
 ITEMS_METRIC = "items"                   # a list of per-item dicts in metrics: one frame row per item

@@ -14,7 +14,7 @@ from dipddpm.compare.gather import field_text, field_values, metric_columns, val
 from dipddpm.compare.keys import NO_VALUE, Labels
 from dipddpm.compare.render import markdown_table
 
-BASELINE_LABEL = "classical: {}"
+BASELINE_LABEL = "{kind}: {name}"   # kind: classical for method=classical, zero-shot for the learned ones
 MEAN_ROW_LABEL = "mean"
 PREFERRED_VALUES = ["psnr_final", "ssim_final", "wall_seconds"]
 DEFAULT_FORMAT = ".4g"
@@ -207,6 +207,7 @@ class _Layout:
         self.clean_flags = (frame["uses_clean_image"].map(field_text).to_numpy(dtype=object)
                             if "uses_clean_image" in frame.columns and "uses_clean_image" not in self.values else None)
         self.seeds = frame["seed"].map(field_text).to_numpy(dtype=object)
+        self.run_notes = frame["note"].to_numpy(dtype=object) if "note" in frame.columns else None
         self.numbers = {
             name: pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=float)
             if name in frame.columns else np.full(len(frame), np.nan)
@@ -221,7 +222,8 @@ class _Layout:
         sizes = frame["image_size"].map(field_text) if "image_size" in frame.columns else pd.Series("", index=frame.index)
         sizes_vary = len({sizes.iloc[p] for p in positions} - {""}) > 1
         for position in positions:
-            label = BASELINE_LABEL.format(field_text(frame["baseline"].iloc[position]))
+            kind = "classical" if field_text(frame["method"].iloc[position]) == "classical" else "zero-shot"
+            label = BASELINE_LABEL.format(kind=kind, name=field_text(frame["baseline"].iloc[position]))
             if sizes_vary and sizes.iloc[position]:
                 label += f" ({sizes.iloc[position]} px)"
             self.row_keys[position] = tuple(
@@ -229,6 +231,14 @@ class _Layout:
                 for f in self.row_fields)
             self.col_keys[position] = tuple(
                 keyed[f].iloc[position] if _is_data_field(f) else None for f in self.column_fields)
+
+    def cell_note(self, ok: np.ndarray) -> str | None:
+        """The notes that a cell's ok runs carry instead of numbers (e.g. a package that is not
+        installed), shown in place of "missing"; None when they carry none."""
+        if self.run_notes is None:
+            return None
+        notes = sorted({note for note in self.run_notes[ok] if isinstance(note, str) and note})
+        return "; ".join(notes) or None
 
     def row_orders(self, spec: dict) -> list[tuple[tuple, str]]:
         """(row key, kind) in table order: regular rows, the mean row, baseline rows."""
@@ -325,13 +335,14 @@ def _run_row(layout: _Layout, row_key: tuple, kind: str, totals: dict, row_means
         ok = members & layout.is_ok
         key = dict(zip(layout.row_fields, row_key)) | dict(zip(layout.column_fields, col_key))
         numeric = dict(key)
+        note = layout.cell_note(ok)
         for name in layout.values:
             summary = _summary(layout.numbers[name][ok])
             if kind == "regular":
-                layout.put(row, numeric, col_key, name, summary, _report_value(layout.report, key, name))
+                layout.put(row, numeric, col_key, name, summary, _report_value(layout.report, key, name), empty=note)
                 row_means.setdefault((col_key, name), []).append(summary[0])
             else:
-                layout.put(row, numeric, col_key, name, summary, empty=NO_VALUE if ok.any() else None)
+                layout.put(row, numeric, col_key, name, summary, empty=note or (NO_VALUE if ok.any() else None))
             if layout.any_collapsed:
                 every = _summary(layout.numbers[name][members & layout.is_finished])
                 layout.put_all_runs(row, numeric, col_key, name, every)
