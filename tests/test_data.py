@@ -75,3 +75,22 @@ def test_unreadable_file(tmp_path):
     bad.write_bytes(b"not a png")
     with pytest.raises(ConfigError, match="data.path=.*readable image"):
         load_observation(data_cfg(path=str(bad)))
+
+
+def test_fit_crop_takes_the_centre_pixels_unresized(tmp_path):
+    """data.fit=crop: the centre size x size pixels as they are; larger than the image is a ConfigError."""
+    from dipddpm.data.images import validate_image_config
+
+    pixels = (np.arange(10 * 12 * 3) % 256).astype(np.uint8).reshape(10, 12, 3)
+    path = tmp_path / "ramp.png"
+    Image.fromarray(pixels).save(path)
+    cfg = OmegaConf.create({"name": "image", "image": None, "path": str(path), "folder": None, "size": 8,
+                            "fit": "crop", "grayscale": False, "sigma": 0.0, "clip": True, "noise_seed": 0})
+    clean = load_observation(cfg).clean
+    np.testing.assert_allclose(clean, pixels[1:9, 2:10].astype(np.float32) / 255.0)
+    cfg.size = 11
+    with pytest.raises(ConfigError, match="data.size=11 .*at most 10"):
+        validate_image_config(cfg)
+    cfg.size, cfg.fit = 8, "pad"
+    with pytest.raises(ConfigError, match="data.fit"):
+        validate_image_config(cfg)

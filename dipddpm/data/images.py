@@ -84,13 +84,20 @@ def read_file(file: Path) -> np.ndarray:
         raise ConfigError("data.path", str(file), f"a readable image file ({type(exc).__name__})") from None
 
 
-def load_image(name: str, file: Path | None, size: int | None, grayscale: bool) -> np.ndarray:
-    """Load, centre-crop to a square, resize to size x size; HxWxC float32 in [0, 1]."""
+FITS = ("resize", "crop")   # data.fit: how the image is brought to size x size
+
+
+def load_image(name: str, file: Path | None, size: int | None, grayscale: bool, fit: str = "resize") -> np.ndarray:
+    """Load and bring to size x size; HxWxC float32 in [0, 1]. ``fit="resize"``: the centre square
+    resized to size; ``fit="crop"``: the centre size x size crop at the image's own resolution
+    (validate_image_config checks that the image is that large)."""
     image = _to_float_rgb(getattr(skdata, name)() if file is None else read_file(file))
     if grayscale and image.shape[2] == 3:
         image = color.rgb2gray(image).astype(np.float32)[:, :, None]
     height, width = image.shape[:2]
     side = min(height, width)
+    if fit == "crop" and size is not None:
+        side = min(size, side)
     top, left = (height - side) // 2, (width - side) // 2
     image = image[top : top + side, left : left + side]
     if size is not None and size != side:
@@ -113,9 +120,13 @@ def validate_image_config(cfg) -> None:
     require(isinstance(sigma, (int, float)) and 0.0 <= float(sigma) <= 1.0, "data.sigma", sigma, "a number in [0, 1]")
     size = cfg.get("size")
     require(size is None or (isinstance(size, int) and size >= 8), "data.size", size, "null or an integer >= 8")
-    _, file = resolve_source(cfg.get("image"), cfg.get("path"), cfg.get("folder"))
-    if file is not None:
-        read_file(file)
+    require(cfg.get("fit", "resize") in FITS, "data.fit", cfg.get("fit"), "one of " + ", ".join(FITS))
+    name, file = resolve_source(cfg.get("image"), cfg.get("path"), cfg.get("folder"))
+    pixels = read_file(file) if file is not None else None
+    if cfg.get("fit") == "crop" and size is not None:
+        pixels = getattr(skdata, name)() if pixels is None else pixels
+        side = min(pixels.shape[:2])
+        require(size <= side, "data.size", size, f"at most {side}, the short side of {name} (data.fit=crop)")
 
 
 def load_observation(cfg, size: int | None = None) -> Observation:
@@ -125,7 +136,8 @@ def load_observation(cfg, size: int | None = None) -> Observation:
     """
     validate_image_config(cfg)
     name, file = resolve_source(cfg.get("image"), cfg.get("path"), cfg.get("folder"))
-    clean = load_image(name, file, size if size is not None else cfg.get("size"), bool(cfg.get("grayscale", False)))
+    clean = load_image(name, file, size if size is not None else cfg.get("size"), bool(cfg.get("grayscale", False)),
+                       str(cfg.get("fit", "resize")))
     noisy = add_gaussian_noise(clean, float(cfg.sigma), bool(cfg.get("clip", True)), int(cfg.get("noise_seed", 0)))
     return Observation(name=name, clean=clean, noisy=noisy, sigma=float(cfg.sigma))
 
