@@ -96,6 +96,30 @@ class StageSummary:
 SCORE_PASSES = ("step_output", "eval_forward")
 FINAL_FROM = ("last_output", "fresh_pass")
 
+# A run has collapsed when the network's output is constant over the image and its loss no
+# better than a constant's. R1's plain ReLU CNN collapses so: its ReLUs die within about 20
+# steps, the interior of its output is then exactly one value per channel (a border a few pixels
+# wide differs, where zero padding meets the bias-only activations) and the loss settles at the
+# target's variance. The test is on the raw output of the last training step (not the clipped
+# image, which an untrained net's negative output would make constant), robust to that border:
+# the median absolute deviation from the median (MAD) of every channel below COLLAPSE_MAD (1/40
+# of one 8-bit grey level). Dead nets give 0; live ones about 1e-3 even untrained (plain CNN of
+# 3-5 layers at initialisation, 16 px). The loss condition (at least half the mean per-channel
+# variance of the last target, the least loss any per-channel constant reaches) keeps a
+# well-fitted image that is mostly one flat value from counting as collapsed. The border must
+# stay under half the image: about depth - 1 pixels per side for the plain CNN.
+COLLAPSE_MAD = 1e-4
+COLLAPSE_LOSS_FRACTION = 0.5
+
+
+def is_collapsed(output: torch.Tensor, loss: float, target: torch.Tensor) -> bool:
+    """Whether a run whose network output is ``output`` (1, C, H, W, unclipped) at training loss
+    ``loss`` against ``target`` (1, C, H, W) has collapsed to a constant image (see COLLAPSE_MAD)."""
+    flat = output.detach().float().flatten(2)
+    spread = (flat - flat.median(dim=2, keepdim=True).values).abs().median(dim=2).values.max()
+    floor = float(target.detach().float().flatten(2).var(dim=2, unbiased=False).mean())
+    return bool(spread < COLLAPSE_MAD) and loss >= COLLAPSE_LOSS_FRACTION * floor
+
 
 @dataclass
 class DipResult:
@@ -104,7 +128,8 @@ class DipResult:
     last scored image, or with ``final_from`` = fresh_pass one more no-grad forward pass of
     the last stage's network input with the weights training ended with (before any
     restore). ``eval_seconds`` is
-    the wall time spent at evaluation points (of ``evaluations``), included in ``seconds``."""
+    the wall time spent at evaluation points (of ``evaluations``), included in ``seconds``.
+    ``collapsed``: the net's last raw output is constant over the image (:func:`is_collapsed`)."""
 
     final: torch.Tensor
     best: torch.Tensor | None
@@ -117,6 +142,7 @@ class DipResult:
     seconds: float
     eval_seconds: float = 0.0
     evaluations: int = 0
+    collapsed: bool = False
 
 
 def make_optimizer(params, settings: DipSettings) -> torch.optim.Optimizer:
@@ -300,7 +326,7 @@ def run_loop(runs, stages: list[Stage], settings: DipSettings, early_stops: list
     records = [_RunRecord() for _ in range(count)]
     first_bad = torch.full((count,), -1, dtype=torch.int64, device=device)
     training = torch.ones(count, dtype=torch.bool, device=device)
-    average = shown = losses = fresh = None
+    average = shown = losses = fresh = raw = None
     stop_every = sorted({rule.every for rule in early_stops if getattr(rule, "every", None)})
     eval_seconds, evaluations = 0.0, 0
     started = time.perf_counter()
@@ -423,8 +449,10 @@ def run_loop(runs, stages: list[Stage], settings: DipSettings, early_stops: list
         runs.finish()
     seconds = time.perf_counter() - started
     results = []
+    last_targets = stages[-1].target
     for k, record in enumerate(records):
         final = (fresh if fresh is not None else shown)[k:k + 1].clamp(0.0, 1.0).clone()
+        last_target = last_targets[k:k + 1] if last_targets.shape[0] > 1 else last_targets
         chosen = early_stops[k].chosen_output()
         if chosen is not None:
             stopped = chosen.clone()
@@ -436,6 +464,7 @@ def run_loop(runs, stages: list[Stage], settings: DipSettings, early_stops: list
             final=final, best=record.best_output, stopped=stopped, best_step=record.best_step,
             curve=record.curve, stages=record.summaries, loss_final=record.loss_final,
             steps_run=record.steps_run, seconds=seconds, eval_seconds=eval_seconds, evaluations=evaluations,
+            collapsed=is_collapsed(raw[k:k + 1], record.loss_final, last_target),
         ))
     return results
 

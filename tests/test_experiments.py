@@ -119,7 +119,8 @@ def test_r1_tables_mark_which_rows_used_the_clean_image(runs):
     results = [json.loads(p.read_text()) for p in sweep_dir.rglob("result.json")]
     uses = {(r["overrides"]["curriculum"], r["overrides"]["variant"]): r["uses_clean_image"] for r in results}
     assert uses == {("r1_traditional", "report"): True, ("r1_gradual", "report"): True,
-                    ("r1_traditional", "classic"): False, ("r1_gradual", "classic"): True}
+                    ("r1_traditional", "classic"): False, ("r1_gradual", "classic"): True,
+                    ("r1_traditional", "honest"): False, ("r1_gradual", "honest"): False}
     classic = [r for r in results if r["overrides"]["variant"] == "classic"]
     assert all(r["config"]["method.input"] == "code" and r["config"]["method.target"] == "noisy"
                and r["config"]["early_stop.name"] == "wmv" for r in classic)
@@ -135,6 +136,10 @@ def test_guided_table_rows_come_out_as_in_the_report(runs):
         ("DIP", "UNet", "–"), ("DIP", "SegNet", "–"),
         ("Guided-DIP", "UNet", "linear"), ("Guided-DIP", "UNet", "cosine"),
         ("Guided-DIP", "SegNet", "linear"), ("Guided-DIP", "SegNet", "cosine"),
+        ("Guided-DIP", "SegNet", "cosine, honest (stages from y = x_40)"),
+        ("Guided-DIP", "SegNet", "linear, honest (stages from y = x_40)"),
+        ("Guided-DIP", "UNet", "cosine, honest (stages from y = x_40)"),
+        ("Guided-DIP", "UNet", "linear, honest (stages from y = x_40)"),
     ]
     assert "| 21.29 |" in markdown and "| 1491 |" in markdown
     results = [json.loads(p.read_text()) for p in (root / "smoke" / "sweeps" / "guided").rglob("result.json")]

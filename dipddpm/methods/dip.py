@@ -7,40 +7,31 @@ code or that image and whether it is pulled towards that image or the clean one.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 
 import numpy as np
 import torch
 
 from dipddpm.data.images import load_observation, to_image, to_tensor, validate_image_config
-from dipddpm.dip import DipSettings, Stage, fit_dip
+from dipddpm.diffusion.schedule import build_schedule
+from dipddpm.dip import FINAL_FROM, SCORE_PASSES, DipSettings, Stage, fit_dip, make_code
 from dipddpm.replicas import fit_dip_replicas, replica_seeds
 from dipddpm.early_stop import build_early_stop, validate_early_stop
 from dipddpm.errors import require, require_choice
-from dipddpm.io import save_figure_atomic, save_image_atomic, write_text_atomic
-from dipddpm.metrics import psnr, psnr_uint8, ssim
-from dipddpm.models import build_backbone, check_size, size_requirement
+from dipddpm.io import save_figure_atomic, save_image_atomic, write_csv_atomic
+from dipddpm.metrics import QUANTISERS, psnr, psnr_uint8, ssim
+from dipddpm.models import build_backbone, check_size
 from dipddpm.plans import build_plan, describe_plan, stage_images
 from dipddpm.runtime import seed_everything
-from dipddpm.schedulers import build_schedule
 
+DATA_KINDS = ("image",)  # data groups this method accepts (checked by methods.require_data_kind)
 CURVE_FIELDS = ("step", "stage", "stage_step", "loss", "psnr", "ssim", "psnr_noisy", "nr_stat")
 
 
 def effective_size(cfg) -> int | None:
-    """The image side after the profile's cap, raised to what the backbone needs.
-
-    An explicit data.size that the backbone cannot take is an error; a size the profile
-    shrank is moved to the nearest size the backbone accepts.
-    """
+    """data.size (null: the image's own side; a profile's cap is already applied by
+    dipddpm.profile.apply_profile), checked against what the backbone accepts."""
     size = cfg.data.get("size")
-    max_size = cfg.profile.get("max_size")
-    multiple, minimum = size_requirement(cfg.backbone)
-    if max_size is not None and (size is None or size > max_size):
-        capped = max(minimum, (int(max_size) // multiple) * multiple)
-        return capped if size is None else min(size, capped) if min(size, capped) >= minimum else minimum
     if size is not None:
         check_size(cfg.backbone, int(size))
     return size
@@ -52,13 +43,8 @@ def _schedule_for(cfg):
 
 
 def stage_plan(cfg):
-    """The run's list of StagePlan with the profile's scaling applied."""
-    return build_plan(
-        cfg.noise_plan, cfg.epoch_plan, _schedule_for(cfg),
-        step_scale=float(cfg.profile.get("step_scale", 1.0)),
-        min_steps=int(cfg.profile.get("min_steps", 1)),
-        softmax_c=cfg.scheduler.get("softmax_c"),
-    )
+    """The run's list of StagePlan (step counts as the profile left them)."""
+    return build_plan(cfg.noise_plan, cfg.epoch_plan, _schedule_for(cfg), observation_sigma=float(cfg.data.sigma))
 
 
 def validate(cfg) -> None:
@@ -67,6 +53,11 @@ def validate(cfg) -> None:
     require_choice("method.target", m.target, ("noisy", "clean"))
     require_choice("method.code_kind", m.code_kind, ("uniform", "gaussian"))
     require_choice("method.psnr_metric", m.psnr_metric, ("float", "uint8"))
+    require_choice("method.uint8_quantise", m.get("uint8_quantise", "round"), QUANTISERS)
+    require_choice("method.score_pass", m.get("score_pass", "step_output"), SCORE_PASSES)
+    require_choice("method.final_from", m.get("final_from", "last_output"), FINAL_FROM)
+    require(m.get("score_pass", "step_output") != "eval_forward" or float(m.ema) == 0.0, "method.ema", m.ema,
+            "0 when method.score_pass=eval_forward (one forward pass is scored, there is no average)")
     require(isinstance(m.steps, int) and m.steps >= 1, "method.steps", m.steps, "an integer >= 1")
     require(isinstance(m.code_channels, int) and m.code_channels >= 1, "method.code_channels", m.code_channels, "an integer >= 1")
     require(0.0 <= float(m.ema) < 1.0, "method.ema", m.ema, "a number in [0, 1)")
@@ -90,12 +81,15 @@ def validate(cfg) -> None:
 
 
 def clean_image_uses(cfg) -> list[str]:
+    """Where the clean image steers the run. Stage images drawn from the observation
+    (noise_plan.stage_source observation; for R2 plans the observation is x_{end_t}) do not count."""
     uses = []
     if cfg.method.target == "clean":
         uses.append("training target")
     if cfg.early_stop.name == "psnr_patience":
         uses.append("early stopping")
-    if cfg.noise_plan.name != "single" or cfg.noise_plan.get("t") is not None:
+    synthesised = cfg.noise_plan.name != "single" or cfg.noise_plan.get("t") is not None
+    if synthesised and cfg.noise_plan.get("stage_source", "clean") == "clean":
         uses.append("stage images synthesised from it")
     return uses
 
@@ -104,25 +98,6 @@ def describe(cfg):
     plan = stage_plan(cfg)
     text = describe_plan(plan)
     return text, {"stages": [s.as_dict() for s in plan], "total_steps": sum(s.steps for s in plan)}
-
-
-def make_code(channels: int, size: tuple[int, int], kind: str, scale: float, generator: torch.Generator, device):
-    """The fixed network input z: (1, channels, H, W)."""
-    shape = (1, channels) + tuple(size)
-    if kind == "uniform":
-        code = torch.rand(shape, generator=generator, device=device)
-    else:
-        code = torch.randn(shape, generator=generator, device=device)
-    return code * scale
-
-
-def _curve_csv(rows) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CURVE_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CURVE_FIELDS})
-    return buffer.getvalue()
 
 
 def write_curve_plot(path, rows, title: str) -> None:
@@ -179,7 +154,9 @@ def _settings(cfg, ctx) -> DipSettings:
         reg_noise_std=float(m.reg_noise_std), ema=float(m.ema), eval_every=int(cfg.eval_every),
         reset_optimizer_per_stage=bool(m.reset_optimizer_per_stage),
         restore_best=bool(cfg.early_stop.get("restore_best", False)),
-        psnr_metric=str(m.psnr_metric), progress=ctx.progress, description=f"dip {cfg.backbone.name}",
+        psnr_metric=str(m.psnr_metric), uint8_quantise=str(m.get("uint8_quantise", "round")),
+        score_pass=str(m.get("score_pass", "step_output")), final_from=str(m.get("final_from", "last_output")),
+        progress=ctx.progress, description=f"dip {cfg.backbone.name}",
         **execution_options(cfg, ctx.device),
     )
 
@@ -213,7 +190,8 @@ def _prepare(cfg, ctx, plan, images, clean):
 
 def _metrics(cfg, obs, clean, result, early_stop) -> dict:
     m = cfg.method
-    score = psnr_uint8 if m.psnr_metric == "uint8" else psnr
+    quantise = str(m.get("uint8_quantise", "round"))
+    score = (lambda a, b: psnr_uint8(a, b, quantise)) if m.psnr_metric == "uint8" else psnr
     clean_np, noisy_np = obs.clean, obs.noisy
     final_np, stopped_np = to_image(result.final), to_image(result.stopped)
     best_np = to_image(result.best) if result.best is not None else final_np
@@ -224,7 +202,7 @@ def _metrics(cfg, obs, clean, result, early_stop) -> dict:
         "psnr_stop": score(clean_np, stopped_np), "ssim_stop": ssim(clean_np, stopped_np), "stop_step": stop_step,
         "psnr_noisy_input": score(clean_np, noisy_np),
         "psnr_final_vs_noisy": psnr(noisy_np, final_np),
-        "loss_final": result.loss_final, "wall_seconds": result.seconds, "steps": result.steps_run,
+        "loss_final": result.loss_final, "collapsed": result.collapsed, "wall_seconds": result.seconds, "steps": result.steps_run,
         "steps_per_second": result.steps_run / max(result.seconds, 1e-9),
         "image_size": int(clean.shape[-1]), "image": obs.name,
         "stage_psnr_best": [s.psnr_best for s in result.stages],
@@ -246,7 +224,7 @@ def _write_run_files(out, cfg, obs, result, images) -> None:
     save_image_atomic(out / "final.png", final_np)
     save_image_atomic(out / "best.png", best_np)
     save_image_atomic(out / "stopped.png", stopped_np)
-    write_text_atomic(out / "curve.csv", _curve_csv(result.curve))
+    write_csv_atomic(out / "curve.csv", result.curve, CURVE_FIELDS)
     write_curve_plot(out / "curves.png", result.curve, f"{obs.name}: {cfg.backbone.name}, {cfg.noise_plan.name}")
 
 
@@ -276,7 +254,8 @@ def run(ctx) -> dict:
     observed = to_tensor(obs.noisy).to(device)
     noise_generator = torch.Generator().manual_seed(int(cfg.data.get("noise_seed", 0)))
     images = [img.to(device) for img in stage_images(
-        plan, clean.cpu(), observed.cpu(), cfg.noise_plan, _schedule_for(cfg), noise_generator)]
+        plan, clean.cpu(), observed.cpu(), cfg.noise_plan, _schedule_for(cfg), noise_generator,
+        observation_sigma=obs.sigma)]
     settings = _settings(cfg, ctx)
     out = ctx.run_dir
     count = int(m.get("replicas", 1))
@@ -307,6 +286,8 @@ def run(ctx) -> dict:
         if k == 0:
             _write_run_files(out, cfg, obs, result, outputs)
     metrics = mean_metrics(items)
+    metrics["collapsed_replicas"] = sum(bool(item["collapsed"]) for item in items)
+    metrics["collapsed"] = metrics["collapsed_replicas"] == count
     metrics["replicas"] = count
     metrics["replica_seeds"] = seeds
     metrics["items"] = items
