@@ -15,6 +15,15 @@ or ``eval_forward`` (report R2's code), a fresh no-grad forward pass in eval mod
 clipped to [0, 1]. The best weights (``restore_best``) are those that produced the best
 scored image.
 
+What a run returns as ``final`` (``final_from``): ``last_output``, the last scored image;
+``fresh_pass``, one more no-grad forward pass with the weights training ended with; or
+``stopped``, the image the stopping rule chose (ES-WMV: the returned image, EMA-averaged when
+EMA is on, at the variance minimum), which is the last scored image when no rule chose one.
+
+A rule that stops a run ends that run's training for the rest of the stage: its steps, loss,
+last output (for the collapse test) and last image are those of its stop step. A later stage
+trains it again (the rules restart per stage).
+
 The loop itself (:func:`run_loop`) trains K independent runs at once: row k of every
 batched tensor belongs to run k. ``fit_dip`` is the K = 1 case with an ordinary
 module; :mod:`dipddpm.replicas` supplies K networks trained as one batched computation.
@@ -94,7 +103,7 @@ class StageSummary:
 
 
 SCORE_PASSES = ("step_output", "eval_forward")
-FINAL_FROM = ("last_output", "fresh_pass")
+FINAL_FROM = ("last_output", "fresh_pass", "stopped")
 
 # A run has collapsed when the network's output is constant over the image and its loss no
 # better than a constant's. R1's plain ReLU CNN collapses so: its ReLUs die within about 20
@@ -124,12 +133,13 @@ def is_collapsed(output: torch.Tensor, loss: float, target: torch.Tensor) -> boo
 @dataclass
 class DipResult:
     """Outputs (1, C, H, W) clipped to [0, 1]; ``best`` needs a clean image; ``stopped`` is
-    what the stopping rule returns (its choice, or the final output). ``final`` is the
-    last scored image, or with ``final_from`` = fresh_pass one more no-grad forward pass of
-    the last stage's network input with the weights training ended with (before any
-    restore). ``eval_seconds`` is
-    the wall time spent at evaluation points (of ``evaluations``), included in ``seconds``.
-    ``collapsed``: the net's last raw output is constant over the image (:func:`is_collapsed`)."""
+    what the stopping rule returns (its choice, else the best-PSNR image under ``restore_best``,
+    else the last scored image). ``final`` is set by ``final_from``: the last scored image
+    (last_output), one more no-grad forward pass of the last stage's network input with the
+    weights training ended with, before any restore (fresh_pass), or ``stopped`` itself
+    (stopped). ``eval_seconds`` is the wall time spent at evaluation points (of
+    ``evaluations``), included in ``seconds``. ``collapsed``: the net's raw output at its last
+    training step is constant over the image (:func:`is_collapsed`)."""
 
     final: torch.Tensor
     best: torch.Tensor | None
@@ -415,7 +425,7 @@ def run_loop(runs, stages: list[Stage], settings: DipSettings, early_stops: list
                         active[k], stopped_early[k], stop_step[k] = False, True, step
                         record.steps_run += step + 1
                         if count > 1:
-                            held[k] = (runs.hold(k), shown[k:k + 1].clone(),
+                            held[k] = (runs.hold(k), shown[k:k + 1].clone(), raw[k:k + 1].clone(),
                                        None if average is None else average[k:k + 1].clone())
                             training[k] = False
                 evaluations += 1
@@ -425,9 +435,10 @@ def run_loop(runs, stages: list[Stage], settings: DipSettings, early_stops: list
             for k in range(count):
                 if active[k]:
                     records[k].steps_run += stage.steps
-            for k, (state, shown_k, average_k) in held.items():
+            for k, (state, shown_k, raw_k, average_k) in held.items():
                 runs.release(k, state)
                 shown[k:k + 1] = shown_k
+                raw[k:k + 1] = raw_k
                 if average_k is not None:
                     average[k:k + 1] = average_k
             training.fill_(True)
@@ -460,6 +471,8 @@ def run_loop(runs, stages: list[Stage], settings: DipSettings, early_stops: list
             stopped = record.best_output
         else:
             stopped = final
+        if settings.final_from == "stopped":
+            final = stopped
         results.append(DipResult(
             final=final, best=record.best_output, stopped=stopped, best_step=record.best_step,
             curve=record.curve, stages=record.summaries, loss_final=record.loss_final,

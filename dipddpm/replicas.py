@@ -37,6 +37,18 @@ def replica_seeds(seed: int, count: int) -> list[int]:
     return [int(seed) + k for k in range(int(count))]
 
 
+def average_outputs(outputs: list[torch.Tensor], collapsed: list[bool]) -> tuple[torch.Tensor, list[int]]:
+    """The pixel-wise mean of the replicas' returned images (each (1, C, H, W)) and the indices
+    averaged: mean_k x_k over the replicas that did not collapse, or over all when every one did
+    (a collapsed replica's constant image would only pull the average towards that constant).
+    ``collapsed`` comes from :func:`dipddpm.dip.is_collapsed`, which reads each replica's output,
+    loss and training target, never the clean image unless that is the target."""
+    if len(outputs) != len(collapsed) or not outputs:
+        raise ValueError(f"{len(outputs)} outputs but {len(collapsed)} collapse flags")
+    kept = [k for k, dead in enumerate(collapsed) if not dead] or list(range(len(outputs)))
+    return torch.stack([outputs[k] for k in kept]).mean(dim=0), kept
+
+
 def resolve_mode(mode: str, device) -> str:
     """auto -> vmap on CUDA, loop elsewhere."""
     if mode not in MODES:

@@ -11,7 +11,7 @@ from conftest import composed, run_method
 from omegaconf import OmegaConf
 
 from dipddpm.dip import DipSettings, Stage, fit_dip
-from dipddpm.early_stop import PsnrPatience
+from dipddpm.early_stop import NoStop, PsnrPatience
 from dipddpm.errors import ConfigError
 from dipddpm.methods import dip as dip_method
 from dipddpm.models import build_backbone
@@ -70,6 +70,33 @@ def test_loop_replicas_equal_separate_runs_through_early_stops(separate):
         assert together.loss_final == alone.loss_final
         for (name, mine), (_, theirs) in zip(net.state_dict().items(), net_alone.state_dict().items()):
             assert torch.equal(mine, theirs), name
+
+
+def test_a_replica_stopped_before_the_others_keeps_its_own_last_output():
+    """Replica 0 stops at step 20 of 40 (a learning rate too small to gain 0.001 dB), replica 1
+    trains on: the collapse test of replica 0 reads its output at its stop, as when it runs alone
+    (an untrained skip net's output is not constant, and its loss is above half the target's
+    variance). Loop mode does not evaluate a stopped run: its row of later outputs is zeros."""
+    clean, noisy = images()
+    settings = DipSettings(lr=1e-9, ema=0.0, eval_every=10, keep_cpu_memory=False)
+
+    def rules():
+        return [PsnrPatience(every=10, patience=2, min_delta=0.001, reset_on_improve=False, carry_best=True), NoStop()]
+
+    def one_stage(stages):
+        return [Stage(0, 40, stages[0].net_input, noisy)]
+
+    alone = []
+    for seed, rule_k in zip(range(2), rules()):
+        net, stages, generator = replica(seed, noisy)
+        alone.append(fit_dip(net, one_stage(stages), settings, rule_k, clean=clean, generator=generator))
+    nets, stages, generators = zip(*(replica(seed, noisy) for seed in range(2)))
+    together = fit_dip_replicas(list(nets), [one_stage(s) for s in stages], settings, rules(), clean=clean,
+                                generators=list(generators), mode="loop")
+    assert [r.stages[0].stop_step for r in alone] == [20, 39]
+    assert [r.collapsed for r in alone] == [False, False]
+    assert [r.collapsed for r in together] == [False, False]
+    assert together[0].loss_final == pytest.approx(alone[0].loss_final, rel=1e-4)
 
 
 def test_vmap_replicas_match_separate_runs_for_a_few_steps():

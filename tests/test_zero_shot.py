@@ -193,11 +193,11 @@ def test_zero_shot_experiment_runs_every_method_on_every_image_of_the_folder(tmp
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
     done = subprocess.run(
         [sys.executable, "-m", "dipddpm.train", "-m", "experiment=denoise/zero_shot", f"data.folder={images}",
-         "seeds=1", "dry_run=true", f"output_root={tmp_path / 'out'}"],
+         "seeds=1", "data.size=64", "dry_run=true", f"output_root={tmp_path / 'out'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     jobs = sorted(path.parent.name.split(",", 1)[1] for path in (tmp_path / "out").rglob("plan.json"))
-    assert jobs == sorted(f"data.image={image},method={method},seed=0" for image in ("cam", "cof")
+    assert jobs == sorted(f"data.image={image},data.size=64,method={method},seed=0" for image in ("cam", "cof")
                           for method in ("bm3d", "nlm", "zsn2n", "noise2fast", "dip", "dip_best"))
 
 

@@ -3,6 +3,13 @@
 The noise plan says what each stage's image is (the observation, a cleaner or noisier
 copy, or a diffusion-forward x_t); the method says whether the network sees a fixed
 code or that image and whether it is pulled towards that image or the clean one.
+
+With ``method.replicas`` = K the job trains K runs (seeds seed..seed+K-1) and keeps one item of
+metrics and files per run (``items``, ``replica_<k>/``). ``method.replica_output`` says what the
+job returns: ``each``, the K runs scored separately (top-level metrics are their means, files
+are replica 0's); ``mean``, one image, the pixel-wise mean of the runs' returned images
+(``replicas.average_outputs``: collapsed runs left out while one learned), which is final.png
+and what psnr_final, ssim_final and psnr_final_vs_noisy score.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import torch
 from dipddpm.data.images import load_observation, to_image, to_tensor, validate_image_config
 from dipddpm.diffusion.schedule import build_schedule
 from dipddpm.dip import FINAL_FROM, SCORE_PASSES, DipSettings, Stage, fit_dip, make_code
-from dipddpm.replicas import fit_dip_replicas, replica_seeds
+from dipddpm.replicas import average_outputs, fit_dip_replicas, replica_seeds
 from dipddpm.early_stop import build_early_stop, validate_early_stop
 from dipddpm.errors import require, require_choice
 from dipddpm.io import save_figure_atomic, save_image_atomic, write_csv_atomic
@@ -26,6 +33,7 @@ from dipddpm.runtime import seed_everything
 
 DATA_KINDS = ("image",)  # data groups this method accepts (checked by methods.require_data_kind)
 CURVE_FIELDS = ("step", "stage", "stage_step", "loss", "psnr", "ssim", "psnr_noisy", "nr_stat")
+REPLICA_OUTPUTS = ("each", "mean")  # method.replica_output: K runs scored each | one image, their mean
 
 
 def effective_size(cfg) -> int | None:
@@ -67,6 +75,7 @@ def validate(cfg) -> None:
     require(isinstance(replicas, int) and not isinstance(replicas, bool) and replicas >= 1,
             "method.replicas", replicas, "an integer >= 1")
     require_choice("method.replica_mode", m.get("replica_mode", "auto"), ("auto", "vmap", "loop"))
+    require_choice("method.replica_output", m.get("replica_output", "each"), REPLICA_OUTPUTS)
     for key in ("compile", "channels_last"):
         require_choice(f"method.{key}", m.get(key, False), ("auto", True, False))
     require(m.get("channels_last", False) is not True or replicas == 1, "method.channels_last", True,
@@ -188,20 +197,29 @@ def _prepare(cfg, ctx, plan, images, clean):
     return net, stages, early_stop, generator
 
 
+def _score(cfg):
+    """The run's PSNR against the clean image: float, or uint8 levels (method.psnr_metric)."""
+    quantise = str(cfg.method.get("uint8_quantise", "round"))
+    return (lambda a, b: psnr_uint8(a, b, quantise)) if cfg.method.psnr_metric == "uint8" else psnr
+
+
+def _final_metrics(cfg, obs, final_np) -> dict:
+    """psnr_final, ssim_final (against the clean image) and psnr_final_vs_noisy of the returned image."""
+    return {"psnr_final": _score(cfg)(obs.clean, final_np), "ssim_final": ssim(obs.clean, final_np),
+            "psnr_final_vs_noisy": psnr(obs.noisy, final_np)}
+
+
 def _metrics(cfg, obs, clean, result, early_stop) -> dict:
-    m = cfg.method
-    quantise = str(m.get("uint8_quantise", "round"))
-    score = (lambda a, b: psnr_uint8(a, b, quantise)) if m.psnr_metric == "uint8" else psnr
+    score = _score(cfg)
     clean_np, noisy_np = obs.clean, obs.noisy
     final_np, stopped_np = to_image(result.final), to_image(result.stopped)
     best_np = to_image(result.best) if result.best is not None else final_np
     stop_step = sum(s.steps_run for s in result.stages) - 1
     metrics = {
-        "psnr_final": score(clean_np, final_np), "ssim_final": ssim(clean_np, final_np),
+        **_final_metrics(cfg, obs, final_np),
         "psnr_best": score(clean_np, best_np), "ssim_best": ssim(clean_np, best_np), "best_step": result.best_step,
         "psnr_stop": score(clean_np, stopped_np), "ssim_stop": ssim(clean_np, stopped_np), "stop_step": stop_step,
         "psnr_noisy_input": score(clean_np, noisy_np),
-        "psnr_final_vs_noisy": psnr(noisy_np, final_np),
         "loss_final": result.loss_final, "collapsed": result.collapsed, "wall_seconds": result.seconds, "steps": result.steps_run,
         "steps_per_second": result.steps_run / max(result.seconds, 1e-9),
         "image_size": int(clean.shape[-1]), "image": obs.name,
@@ -278,14 +296,20 @@ def run(ctx) -> dict:
                                mode=str(m.get("replica_mode", "auto")))
     save_image_atomic(out / "clean.png", obs.clean)
     save_image_atomic(out / "noisy.png", obs.noisy)
-    items = []
+    items, first_outputs = [], None
     for k, (seed, result, early_stop) in enumerate(zip(seeds, results, early_stops)):
         metrics, outputs = _metrics(cfg, obs, clean, result, early_stop)
         items.append({"seed": seed, "replica": k, **metrics})
         _write_run_files(out / f"replica_{k}", cfg, obs, result, outputs)
         if k == 0:
-            _write_run_files(out, cfg, obs, result, outputs)
+            first_outputs = outputs
     metrics = mean_metrics(items)
+    if m.get("replica_output", "each") == "mean":
+        # one returned image: the mean of the replicas' returned images (collapsed ones left out)
+        image, kept = average_outputs([r.final for r in results], [r.collapsed for r in results])
+        first_outputs = (to_image(image),) + first_outputs[1:]
+        metrics.update(_final_metrics(cfg, obs, first_outputs[0]), replicas_averaged=len(kept))
+    _write_run_files(out, cfg, obs, results[0], first_outputs)
     metrics["collapsed_replicas"] = sum(bool(item["collapsed"]) for item in items)
     metrics["collapsed"] = metrics["collapsed_replicas"] == count
     metrics["replicas"] = count
