@@ -10,7 +10,36 @@ and m = profile.min_steps it:
   nearest side the backbone accepts;
 - scales DIP epoch plans: constant / list ``epoch_plan.steps`` -> max(m, round(steps * s));
   softmax_beta ``epoch_plan.total`` -> max(1, round(total * s)), each stage then at least
-  ``epoch_plan.min_steps`` = max(its own, m) (a total of 0 or 1 splits alike: all to the floor).
+  ``epoch_plan.min_steps`` = max(its own, m) (a total of 0 or 1 splits alike: all to the floor);
+- scales the diffusion methods' sizes (``_DIFFUSION``), with r = profile.train_scale and
+  c = profile.sample_step_scale (missing or null: 1.0):
+
+  ============== ===================== ===================================================
+  method         key                   under the profile
+  ============== ===================== ===================================================
+  all three      method.dip.steps      max(m, round(steps * s)); ddpm_dataset: at most
+                                       steps, at least method.dip.min_steps (null: R5's
+                                       5 | 1000 by dip_mode; dip_mode none: not scaled)
+  ddpm_single    method.train          max(1, round(iterations * r)) (null: R3's 3000 |
+                 .iterations           5000 by x0_source)
+  ddpm_single    method.sample.calls   min(top + 1, max(1, round(calls * c))), top =
+                                       min(sample.t_start, T - 1)
+  ddpm_single    method.sample.t_start with calls null: max(1, round((top + 1) * c)) - 1
+                                       (the chain starts lower, every timestep)
+  ddpm_dipnoise  method.steps          min(steps, max(1, round(steps * c))) (steps <= T and
+                                       sample.t_start null or >= steps - 1, else as written)
+  ddpm_dipnoise, method.train.epochs   epochs * r (a fraction; whole numbers stay ints)
+  ddpm_dataset
+  ddpm_dataset   method.sample.calls   null: min(T, max(m, round(T * s))) (R5 shortens
+                                       its chain by step_scale)
+  ============== ===================== ===================================================
+
+  T is scheduler.num_timesteps. A key is written only when the profile changes the value the
+  method would use (a null stays null under faithful), so a method reads its sizes as they
+  are; its own floor ``method.train.min_iterations`` applies to the iterations it derives
+  (epochs * ceil(N / batch_size) depends on the data). Whole-number products keep their
+  float order: epochs * r * ceil(N / batch) rounds like R4's and R5's iterations always did
+  (tests/test_profile.py checks every experiment and sweep point).
 
 Values that are not valid are left as written, so validation names them unchanged.
 """
@@ -92,6 +121,86 @@ def _scale_epoch_plan(plan: dict, step_scale: float, min_steps: int) -> None:
             plan["min_steps"] = max(floor, min_steps)
 
 
+def _is_count(value, minimum: int = 1) -> bool:
+    return _is_int(value) and value >= minimum
+
+
+def _is_positive(value) -> bool:
+    return _is_number(value) and value > 0
+
+
+def _chain_scale(profile: dict) -> float:
+    return float(profile.get("sample_step_scale") or 1.0)
+
+
+def _set(node: dict, key: str, scaled, current) -> None:
+    """``node[key] = scaled`` when it changes what the method would use (``current``)."""
+    if scaled != current:
+        node[key] = scaled
+
+
+def _scaled_epochs(epochs, train_scale: float):
+    """epochs * train_scale, an int when whole (so R4/R5's epochs * ceil(N / batch) is unchanged)."""
+    scaled = epochs * train_scale
+    return int(scaled) if float(scaled).is_integer() else scaled
+
+
+def _scale_ddpm_single(method: dict, profile: dict, num_timesteps) -> None:
+    from dipddpm.methods.ddpm_single import DEFAULT_ITERATIONS
+
+    step_scale, min_steps = profile["step_scale"], profile["min_steps"]
+    dip, train, sample = method.get("dip", {}), method.get("train", {}), method.get("sample", {})
+    if _is_count(dip.get("steps")):
+        dip["steps"] = scaled_steps(dip["steps"], step_scale, min_steps)
+    iterations = train.get("iterations")
+    if iterations is None:
+        iterations = DEFAULT_ITERATIONS.get(method.get("x0_source"))
+    if _is_count(iterations):
+        _set(train, "iterations", max(1, int(round(iterations * profile["train_scale"]))), iterations)
+    t_start, calls = sample.get("t_start"), sample.get("calls")
+    if not (_is_count(t_start, 0) and _is_count(num_timesteps)):
+        return
+    top = min(t_start, num_timesteps - 1)
+    if calls is None:
+        chain = min(max(1, int(round((top + 1) * _chain_scale(profile)))), top + 1)
+        _set(sample, "t_start", chain - 1, top)
+    elif _is_count(calls) and calls <= top + 1:
+        sample["calls"] = min(max(1, int(round(calls * _chain_scale(profile)))), top + 1)
+
+
+def _scale_ddpm_dipnoise(method: dict, profile: dict, num_timesteps) -> None:
+    dip, train = method.get("dip", {}), method.get("train", {})
+    if _is_count(dip.get("steps")):
+        dip["steps"] = scaled_steps(dip["steps"], profile["step_scale"], profile["min_steps"])
+    steps, t_start = method.get("steps"), method.get("sample", {}).get("t_start")
+    valid = _is_count(steps) and (not _is_count(num_timesteps) or steps <= num_timesteps)
+    if valid and (t_start is None or (_is_int(t_start) and t_start >= steps - 1)):
+        method["steps"] = min(max(1, int(round(steps * _chain_scale(profile)))), steps)
+    if _is_positive(train.get("epochs")):
+        train["epochs"] = _scaled_epochs(train["epochs"], profile["train_scale"])
+
+
+def _scale_ddpm_dataset(method: dict, profile: dict, num_timesteps) -> None:
+    from dipddpm.methods.ddpm_dataset import DEFAULT_DIP_STEPS
+
+    step_scale, min_steps = profile["step_scale"], profile["min_steps"]
+    dip, train, sample = method.get("dip", {}), method.get("train", {}), method.get("sample", {})
+    steps = dip.get("steps")
+    if steps is None:
+        steps = DEFAULT_DIP_STEPS.get(method.get("dip_mode"))
+    if _is_count(steps) and _is_count(dip.get("min_steps")):
+        _set(dip, "steps", min(steps, max(scaled_steps(steps, step_scale, min_steps), dip["min_steps"])), steps)
+    if _is_positive(train.get("epochs")):
+        train["epochs"] = _scaled_epochs(train["epochs"], profile["train_scale"])
+    if sample.get("calls") is None and _is_count(num_timesteps):
+        _set(sample, "calls", min(num_timesteps, scaled_steps(num_timesteps, step_scale, min_steps)), num_timesteps)
+
+
+# method name -> the function scaling its sizes in place: (method config, profile, T or None)
+_DIFFUSION = {"ddpm_single": _scale_ddpm_single, "ddpm_dipnoise": _scale_ddpm_dipnoise,
+              "ddpm_dataset": _scale_ddpm_dataset}
+
+
 def apply_profile(cfg: DictConfig) -> DictConfig:
     """A resolved copy of the composed config with the profile applied (see the module docstring);
     ``profile.applied`` is true in it, and a config already applied is returned as it is.
@@ -112,6 +221,16 @@ def apply_profile(cfg: DictConfig) -> DictConfig:
             plain["data"]["size"] = capped
     if isinstance(plain.get("epoch_plan"), dict):
         _scale_epoch_plan(plain["epoch_plan"], float(step_scale), int(min_steps))
+    method = plain.get("method")
+    if isinstance(method, dict) and method.get("name") in _DIFFUSION:
+        train_scale, chain_scale = profile.get("train_scale", 1.0), profile.get("sample_step_scale")
+        require(_is_number(train_scale) and train_scale > 0, "profile.train_scale", train_scale, "a number > 0")
+        require(chain_scale is None or (_is_number(chain_scale) and chain_scale > 0), "profile.sample_step_scale",
+                chain_scale, "null or a number > 0")
+        scales = {"step_scale": float(step_scale), "min_steps": int(min_steps), "train_scale": float(train_scale),
+                  "sample_step_scale": chain_scale}
+        num_timesteps = (plain.get("scheduler") or {}).get("num_timesteps")
+        _DIFFUSION[method["name"]](method, scales, num_timesteps)
     profile["applied"] = True
     out = OmegaConf.create(plain)
     OmegaConf.set_struct(out, True)

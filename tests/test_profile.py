@@ -7,16 +7,26 @@ and are the stage steps and image sides the code produced before the profile mov
 e.g. R1 1000 steps x 0.05 = 50, x 0.005 = 5; 200 x 0.005 = 1 -> min_steps 2; R1 increasing
 [500, 1000, 1500] x 0.005 = [2.5, 5, 7.5] -> round half to even [2, 5, 8]; R2 softmax total
 2000 x 0.05 = 100. Image sides are capped and raised to the backbone's minimum (skip_light: 64,
-R2's UNet: 128 except its smoke preset's 16). The diffusion experiments' sizes that depend on
-their data (training iterations, chain lengths) are not config values and are not listed here.
+R2's UNet: 128 except its smoke preset's 16). The diffusion experiments' sizes (quick: step_scale
+0.05, train_scale 0.1, sample_step_scale 1; smoke: 0.005, 0.002, 0.01): R3 DIP 2000 steps -> 100 | 10,
+iterations 3000 -> 300 | 6, chain from t = 500 -> 501 x 0.01 = 5 calls, so t_start 4; R4 DIP
+200 -> 10 | 1 -> 2, epochs 20 -> 2 | 0.04, chain 1000 -> 10 (500 -> 5); R5 epochs 100 -> 10 | 0.2,
+chain T = 1000 -> 50 | 5 (R5 shortens its chain by step_scale). Sizes that depend on the data
+(iterations = epochs x ceil(N / batch)) are computed by the method from the scaled epochs;
+test_diffusion_plans_at_every_sweep_point checks them against the unscaled formulas.
 """
 
+import itertools
+import math
+
 import pytest
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import OmegaConf, open_dict
 
 from conftest import composed
 from dipddpm.errors import ConfigError
-from dipddpm.methods import get_method
+from dipddpm.methods import diffusion_common as common
+from dipddpm.methods import ddpm_dipnoise, ddpm_single, get_method
 from dipddpm.profile import apply_profile, preset_merged
 from dipddpm.sweep import config_dir
 
@@ -36,13 +46,23 @@ PROFILE_CHANGES = {
         {'data.size': 64, 'epoch_plan.steps': 5}),
     'dip_in_ddpm/ideas': (
         {'eps_net.base_channels': 16, 'eps_net.channel_mults': [1, 2, 2], 'eps_net.num_res_blocks': 1,
-         'eps_net.attention_resolutions': [8], 'eps_net.dropout': 0.0, 'method.train.lr': 0.002},
+         'eps_net.attention_resolutions': [8], 'eps_net.dropout': 0.0, 'method.train.lr': 0.002,
+         'method.train.epochs': 10, 'method.sample.calls': 50},
         {'eps_net.base_channels': 8, 'eps_net.channel_mults': [1, 2], 'eps_net.num_res_blocks': 1,
-         'eps_net.attention_resolutions': [], 'eps_net.dropout': 0.0, 'method.train.lr': 0.002}),
-    'dipnoise/ddpm_epochs': ({}, {}),
-    'dipnoise/dip_in_training': ({}, {}),
-    'dipnoise/passes_steps': ({}, {}),
-    'dipnoise/time_vs_steps': ({}, {}),
+         'eps_net.attention_resolutions': [], 'eps_net.dropout': 0.0, 'method.train.lr': 0.002,
+         'method.train.epochs': 0.2, 'method.sample.calls': 5}),
+    'dipnoise/ddpm_epochs': (
+        {'method.dip.steps': 10, 'method.train.epochs': 2},
+        {'method.steps': 5, 'method.dip.steps': 2, 'method.train.epochs': 0.04}),
+    'dipnoise/dip_in_training': (
+        {'method.dip.steps': 10, 'method.train.epochs': 2},
+        {'method.steps': 10, 'method.dip.steps': 2, 'method.train.epochs': 0.04}),
+    'dipnoise/passes_steps': (
+        {'method.dip.steps': 10, 'method.train.epochs': 2},
+        {'method.steps': 10, 'method.dip.steps': 2, 'method.train.epochs': 0.04}),
+    'dipnoise/time_vs_steps': (
+        {'method.dip.steps': 10, 'method.train.epochs': 2},
+        {'method.steps': 10, 'method.dip.steps': 2, 'method.train.epochs': 0.04}),
     'guided/backbone_scheduler': (
         {'epoch_plan.total': 100, 'epoch_plan.min_steps': 2},
         {'data.size': 32, 'backbone.channels': [8, 16, 16], 'backbone.skip_channels': [0, 4],
@@ -68,8 +88,12 @@ PROFILE_CHANGES = {
     'staged/traditional_vs_staged': (
         {'data.size': 48, 'epoch_plan.steps': 50},
         {'data.size': 32, 'epoch_plan.steps': 5}),
-    'truncated/dip_vs_clean': ({}, {}),
-    'truncated/schedule_length': ({}, {}),
+    'truncated/dip_vs_clean': (
+        {'method.dip.steps': 100, 'method.train.iterations': 300},
+        {'method.dip.steps': 10, 'method.train.iterations': 6, 'method.sample.t_start': 4}),
+    'truncated/schedule_length': (
+        {'method.dip.steps': 100, 'method.train.iterations': 300},
+        {'method.dip.steps': 10, 'method.train.iterations': 6, 'method.sample.t_start': 4}),
 }
 
 
@@ -144,3 +168,139 @@ def test_presets_merge_nested_keys_and_unknown_keys_name_the_preset():
     with pytest.raises(ConfigError) as info:
         preset_merged(group, "method", "smoke")
     assert info.value.key == "method.at_profile.smoke" and info.value.value == ["learning_rate"]
+
+
+# ---------------------------------------------------------------- the diffusion methods
+
+DIFFUSION_EXPERIMENTS = [name for name in EXPERIMENTS if name.split("/")[0] in ("truncated", "dipnoise", "dip_in_ddpm")]
+PROFILES = ("faithful", "quick", "smoke")
+# points beside the sweeps that take the other branches: R3 with sample.calls set or a lower
+# start, given iterations; R4 a one-step chain, other batch sizes; R5 given calls and DIP steps
+EXTRA_POINTS = {
+    "truncated/dip_vs_clean": [{"method.sample.calls": 50}, {"method.sample.calls": 7, "method.sample.t_start": 20},
+                               {"method.sample.t_start": 20}, {"method.train.iterations": 1},
+                               {"method.train.iterations": 1000, "method.x0_source": "clean"}],
+    "dipnoise/time_vs_steps": [{"r4_row": "ddpm", "method.steps": 1}, {"r4_row": "ddpm", "method.train.batch_size": 7},
+                               {"r4_row": "ddim", "method.train.epochs": 3}],
+    "dip_in_ddpm/ideas": [{"method.dip_mode": mode, **extra} for mode in ("replace_noise", "target") for extra in
+                          ({"method.sample.calls": 100}, {"method.dip.steps": 3}, {"method.dip.steps": 2000},
+                           {"method.dip.min_steps": 50}, {"method.train.batch_size": 100})],
+}
+
+
+def sweep_points(experiment: str) -> list[dict]:
+    """The experiment's hydra.sweeper.params (seed left out) as {key: value} points; a group
+    (r4_row) is kept as an override."""
+    raw = OmegaConf.load(config_dir() / "experiment" / f"{experiment}.yaml")
+    params = OmegaConf.to_container(raw.hydra.sweeper.params)
+    axes = []
+    for key, spec in params.items():
+        if key != "seed":
+            spec = str(spec)
+            values = (list(range(*map(int, spec[len("range("):-1].split(",")))) if spec.startswith("range(")
+                      else [yaml.safe_load(v) for v in spec.split(",")])
+            axes.append([(key, v) for v in values])
+    return [dict(point) for point in itertools.product(*axes)]
+
+
+def unscaled_plan(method: str, cfg, count: int) -> dict:
+    """Each diffusion method's sizes from the config before apply_profile, by the formulas the
+    methods applied themselves before the profile moved to apply_profile (old float order)."""
+    p, m = cfg.profile, cfg.method
+    s, floor, r, c = p.step_scale, p.min_steps, p.train_scale, p.get("sample_step_scale") or 1.0
+    T = cfg.scheduler.num_timesteps
+    per_epoch = math.ceil(count / m.train.batch_size)
+    steps = lambda n: max(floor, 1, round(n * s))  # noqa: E731
+    iterations = lambda: max(m.train.min_iterations, 1, round(m.train.epochs * per_epoch * r))  # noqa: E731
+    if method == "ddpm_single":
+        top = min(m.sample.t_start, T - 1)
+        base = m.train.iterations or {"dip": 3000, "clean": 5000}[m.x0_source]
+        if m.sample.calls is None:
+            calls = min(max(1, round((top + 1) * c)), top + 1)
+            top = calls - 1
+        else:
+            calls = min(max(1, round(m.sample.calls * c)), top + 1)
+        return {"dip_steps": steps(m.dip.steps) if m.x0_source == "dip" else 0, "t_start": top, "model_calls": calls,
+                "train_iterations": max(m.train.min_iterations, 1, round(base * r))}
+    if method == "ddpm_dipnoise":
+        chain = min(max(1, round(m.steps * c)), m.steps)
+        uses_dip = m.dip_passes > 0 or m.train_dip_passes > 0
+        return {"dip_steps": steps(m.dip.steps) if uses_dip else 0, "train_iterations": iterations(),
+                "chain_steps": chain, "t_start": chain - 1 if m.sample.t_start is None else m.sample.t_start}
+    n = m.dip.steps or {"none": 0, "replace_noise": 5, "target": 1000}[m.dip_mode]
+    return {"dip_steps": 0 if m.dip_mode == "none" else min(n, max(steps(n), m.dip.min_steps)),
+            "train_iterations": iterations(), "chain_steps": m.sample.calls or min(T, steps(T))}
+
+
+def diffusion_plan(module, cfg, count: int) -> dict:
+    """The method's plan; R4's and R5's for a training set of ``count`` images (not loaded here)."""
+    if module is ddpm_single:
+        return module.describe(cfg)[1]
+    return module._plan(cfg, count) if module is ddpm_dipnoise else module.plan(cfg, count)
+
+
+@pytest.mark.parametrize("experiment", DIFFUSION_EXPERIMENTS)
+def test_diffusion_plans_at_every_sweep_point(experiment):
+    """At every profile and sweep point, the method's plan from apply_profile's output equals its
+    sizes computed from the unscaled config by the formulas the methods used before (their float
+    order included), and does not change when the profile's scales are then set to 1: the method
+    reads already-scaled values."""
+    counts = {"ddpm_dipnoise": 5000, "ddpm_dataset": 2043, "ddpm_single": 0}  # bundled digits, patches32's train split
+    points = sweep_points(experiment) + EXTRA_POINTS.get(experiment, [])
+    rows = sorted({point.get("r4_row") for point in points}, key=str)
+    for profile, row in itertools.product(PROFILES, rows):
+        base = composed(f"experiment={experiment}", f"profile={profile}", *([f"r4_row={row}"] if row else []))
+        module = get_method(base.method.name)
+        for point in (p for p in points if p.get("r4_row") == row):
+            cfg = base.copy()
+            for key, value in point.items():
+                if key != "r4_row":
+                    OmegaConf.update(cfg, key, value)
+            unscaled = OmegaConf.create({k: OmegaConf.to_container(cfg[k], resolve=True)
+                                         for k in ("profile", "method", "scheduler")})
+            scaled = apply_profile(cfg)
+            plan = diffusion_plan(module, scaled, counts[base.method.name])
+            expected = unscaled_plan(base.method.name, unscaled, counts[base.method.name])
+            assert {k: plan[k] for k in expected} == expected, (profile, point)
+            with open_dict(scaled):
+                scaled.profile.update(step_scale=1.0, min_steps=1, train_scale=1.0, sample_step_scale=1.0)
+            assert diffusion_plan(module, scaled, counts[base.method.name]) == plan
+
+
+def test_scaled_epochs_round_like_scaled_iterations_for_any_data_size():
+    """round(epochs * train_scale * P) (apply_profile, then the method) == round(epochs * P *
+    train_scale) (the methods before) for every profile, every epoch count of the R4/R5
+    experiments and every P = ceil(N / batch) up to 20000."""
+    for profile in PROFILES:
+        base = composed("experiment=dipnoise/ddpm_epochs", f"profile={profile}")
+        for e in (5, 10, 15, 20, 100):
+            cfg = base.copy()
+            OmegaConf.update(cfg, "method.train.epochs", e)
+            cfg = apply_profile(cfg)
+            scaled, r = cfg.method.train.epochs, cfg.profile.train_scale
+            assert all(common.epoch_iterations(scaled, p, 1) == max(1, round(e * p * r))
+                       for p in range(1, 20001)), (profile, e)
+
+
+def test_diffusion_values_that_are_not_valid_are_left_for_validation():
+    cfg = apply_profile(composed("experiment=dipnoise/time_vs_steps", "profile=smoke", "method.steps=1001",
+                                 "method.train.epochs=0"))
+    assert cfg.method.steps == 1001 and cfg.method.train.epochs == 0
+    with pytest.raises(ConfigError) as info:
+        get_method("ddpm_dipnoise").validate(cfg)
+    assert (info.value.key, info.value.value) == ("method.steps", 1001)
+    cfg = apply_profile(composed("experiment=dipnoise/time_vs_steps", "profile=smoke", "method.steps=500",
+                                 "method.sample.t_start=400"))
+    with pytest.raises(ConfigError) as info:
+        get_method("ddpm_dipnoise").validate(cfg)
+    assert info.value.key == "method.sample.t_start" and cfg.method.steps == 500
+    cfg = apply_profile(composed("experiment=dipnoise/time_vs_steps", "profile=smoke", "method.train.epochs=2.5"))
+    assert cfg.method.train.epochs == 2.5 * 0.002
+    cfg = apply_profile(composed("experiment=truncated/dip_vs_clean", "profile=smoke", "method.sample.calls=502"))
+    assert cfg.method.sample.calls == 502
+    with pytest.raises(ConfigError) as info:
+        get_method("ddpm_single").validate(cfg)
+    assert info.value.key == "method.sample.calls"
+    with pytest.raises(ConfigError) as info:
+        apply_profile(composed("experiment=truncated/dip_vs_clean", "profile.sample_step_scale=0"))
+    assert info.value.key == "profile.sample_step_scale"

@@ -21,6 +21,7 @@ from dipddpm.diffusion.schedule import linear_schedule
 from dipddpm.errors import ConfigError
 from dipddpm.methods import diffusion_common as common
 from dipddpm.methods import ddpm_dipnoise, ddpm_single
+from dipddpm.profile import apply_profile
 from dipddpm.sweep import config_dir
 
 # Reverse chains are shortened 100x under smoke (conf/profile/smoke.yaml's sample_step_scale;
@@ -168,15 +169,13 @@ def test_dip_inside_the_eps_model_is_frozen_and_keeps_its_batchnorm_mode():
     assert wrapped.eps_net.calls == 1
 
 
-def test_profile_scaling_of_iterations_and_chains():
-    profile = {"train_scale": 0.1, "step_scale": 0.1, "min_steps": 20}
-    assert common.epoch_iterations(profile, 20, 5000, 128) == 80
-    assert common.epoch_iterations({"train_scale": 0.002}, 20, 5000, 128, minimum=2) == 2
-    assert common.scaled_iterations(profile, 3000) == 300
-    assert common.profile_steps(profile, 2000) == 200 and common.profile_steps(profile, 100) == 20
-    assert common.chain_length(profile, 700) == 700
-    assert common.chain_length({"sample_step_scale": 0.01}, 700) == 7
-    assert common.chain_length({"sample_step_scale": 0.01}, 20) == 1
+def test_iterations_of_whole_and_fractional_epochs():
+    """epochs * ceil(N / batch), rounded, at least ``minimum`` (5000 images in batches of 128: 40 per epoch)."""
+    assert common.epoch_iterations(20, 5000, 128) == 800
+    assert common.epoch_iterations(2, 5000, 128) == 80
+    assert common.epoch_iterations(0.04, 5000, 128, minimum=2) == 2
+    assert common.epoch_iterations(0.3, 5000, 128) == 12
+    assert common.epoch_iterations(0.01, 5000, 128) == 1  # 0.4 rounds to 0, then the floor of 1
 
 
 def test_sample_grid_layout():
@@ -212,18 +211,18 @@ def test_bad_config_is_a_config_error_before_training(module, overrides, key):
 
 
 def test_experiment_configs_are_valid_and_describe_their_plan():
-    cfg = composed("experiment=truncated/schedule_length", "scheduler.num_timesteps=501", "profile=quick")
+    """The plans of configs after apply_profile (quick: DIP steps x 0.05, iterations x 0.1, chains kept)."""
+    cfg = apply_profile(composed("experiment=truncated/schedule_length", "scheduler.num_timesteps=501",
+                                 "profile=quick"))
     ddpm_single.validate(cfg)
     _, plan = ddpm_single.describe(cfg)
-    dip_steps = common.profile_steps(cfg.profile, cfg.method.dip.steps)
-    assert plan == {"x0_source": "dip", "dip_steps": dip_steps, "train_iterations": 300, "t_max": 500,
+    assert plan == {"x0_source": "dip", "dip_steps": 100, "train_iterations": 300, "t_max": 500,
                     "num_timesteps": 501, "t_start": 500, "model_calls": 501, "num_samples": 32}
     assert cfg.backbone.hidden == [64, 64, 1] and cfg.eps_net.name == "unet_res"
-    cfg = composed("experiment=dipnoise/time_vs_steps", "profile=quick", "method.steps=300")
+    cfg = apply_profile(composed("experiment=dipnoise/time_vs_steps", "profile=quick", "method.steps=300"))
     ddpm_dipnoise.validate(cfg)
     _, plan = ddpm_dipnoise.describe(cfg)
-    assert plan["chain_steps"] == 300 and plan["train_iterations"] == 80
-    assert plan["dip_steps"] == common.profile_steps(cfg.profile, cfg.method.dip.steps)
+    assert plan["chain_steps"] == 300 and plan["train_iterations"] == 80 and plan["dip_steps"] == 10
     assert ddpm_single.clean_image_uses(composed("experiment=truncated/dip_vs_clean", "method.x0_source=clean"))
     assert not ddpm_single.clean_image_uses(composed("experiment=truncated/dip_vs_clean"))
 

@@ -92,7 +92,7 @@ def validate(cfg) -> None:
         common.require_int("method.noise.bank_size", m.noise.bank_size)
         require_choice("method.noise.output_map", m.noise.output_map, OUTPUT_MAPS)
     t = m.train
-    common.require_int("method.train.epochs", t.epochs)
+    common.require_positive("method.train.epochs", t.epochs)  # a fraction after a profile
     common.require_int("method.train.min_iterations", t.min_iterations)
     common.require_int("method.train.batch_size", t.batch_size)
     common.require_positive("method.train.lr", t.lr)
@@ -128,25 +128,23 @@ def clean_image_uses(cfg) -> list[str]:
 
 def dip_steps(cfg) -> int:
     """The DIP's fitting steps: method.dip.steps (null: R5's 5 for replace_noise, 1000 for
-    target) times the profile's step_scale, but at least min(steps, method.dip.min_steps), so a
-    profile shortens a long fit and leaves a short one (idea 1's 5 steps) as it is; 0 for none."""
+    target; apply_profile shortens a long fit, at least min(steps, method.dip.min_steps)); 0 for none."""
     m = cfg.method
     if m.dip_mode == "none":
         return 0
-    steps = int(m.dip.steps) if m.dip.steps is not None else DEFAULT_DIP_STEPS[m.dip_mode]
-    return min(steps, max(common.profile_steps(cfg.profile, steps), int(m.dip.min_steps)))
+    return int(m.dip.steps) if m.dip.steps is not None else DEFAULT_DIP_STEPS[m.dip_mode]
 
 
 def plan(cfg, train_count: int | None = None) -> dict:
-    """Run sizes after the profile: iterations, epochs, chain length, grid epochs."""
+    """Run sizes of a config after apply_profile: iterations, epochs, chain length, grid epochs."""
     m = cfg.method
     schedule = common.schedule_from(cfg)
     count = train_count if train_count is not None else len(cifar.load_dataset(cfg.data, "train"))
     batch = int(m.train.batch_size)
     per_epoch = math.ceil(count / batch)
-    iterations = common.epoch_iterations(cfg.profile, int(m.train.epochs), count, batch, int(m.train.min_iterations))
+    iterations = common.epoch_iterations(m.train.epochs, count, batch, int(m.train.min_iterations))
     T = schedule.num_timesteps
-    chain = int(m.sample.calls) if m.sample.calls is not None else min(T, common.profile_steps(cfg.profile, T))
+    chain = int(m.sample.calls) if m.sample.calls is not None else T
     every = m.eval.grid_every_epochs
     grid_iterations = []
     if every is not None:

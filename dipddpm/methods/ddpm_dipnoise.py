@@ -164,7 +164,7 @@ def validate(cfg) -> None:
     require(isinstance(m.dip.sigma, (int, float)) and 0 <= m.dip.sigma <= 1, "method.dip.sigma", m.dip.sigma,
             "a number in [0, 1]")
     common.require_int("method.dip.noise_seed", m.dip.noise_seed, minimum=0)
-    common.require_int("method.train.epochs", m.train.epochs)
+    common.require_positive("method.train.epochs", m.train.epochs)  # a fraction after a profile
     common.require_int("method.train.min_iterations", m.train.min_iterations)
     common.require_int("method.train.batch_size", m.train.batch_size)
     common.require_positive("method.train.lr", m.train.lr)
@@ -194,12 +194,13 @@ def _training_images(cfg) -> torch.Tensor:
 
 
 def _plan(cfg, count: int) -> dict:
+    """Run sizes from a config after apply_profile (which scaled steps, dip.steps and train.epochs)."""
     m = cfg.method
-    calls = min(common.chain_length(cfg.profile, int(m.steps)), int(m.steps))
+    calls = int(m.steps)
     return {
-        "dip_steps": common.profile_steps(cfg.profile, int(m.dip.steps)) if _uses_dip(cfg) else 0,
-        "train_iterations": common.epoch_iterations(cfg.profile, int(m.train.epochs), count,
-                                                    int(m.train.batch_size), int(m.train.min_iterations)),
+        "dip_steps": int(m.dip.steps) if _uses_dip(cfg) else 0,
+        "train_iterations": common.epoch_iterations(m.train.epochs, count, int(m.train.batch_size),
+                                                    int(m.train.min_iterations)),
         "chain_steps": calls,
         "t_start": calls - 1 if m.sample.t_start is None else int(m.sample.t_start),
         "sampler": str(m.sample.sampler),

@@ -65,19 +65,17 @@ def clean_image_uses(cfg) -> list[str]:
 
 
 def _plan(cfg) -> dict:
+    """Run sizes from a config after apply_profile (which scaled dip.steps, train.iterations and the chain)."""
     m = cfg.method
     schedule = common.schedule_from(cfg)
     t_start = min(int(m.sample.t_start), schedule.num_timesteps - 1)
-    if m.sample.calls is None:  # every timestep; a profile shortens the chain from the top
-        calls = min(common.chain_length(cfg.profile, t_start + 1), t_start + 1)
-        t_start = calls - 1
-    else:  # ``calls`` timesteps spread over t_start .. 0
-        calls = min(common.chain_length(cfg.profile, int(m.sample.calls)), t_start + 1)
+    # calls null: every timestep from t_start; else ``calls`` timesteps spread over t_start .. 0
+    calls = t_start + 1 if m.sample.calls is None else int(m.sample.calls)
     base = m.train.iterations if m.train.iterations is not None else DEFAULT_ITERATIONS[m.x0_source]
     return {
         "x0_source": str(m.x0_source),
-        "dip_steps": common.profile_steps(cfg.profile, int(m.dip.steps)) if m.x0_source == "dip" else 0,
-        "train_iterations": common.scaled_iterations(cfg.profile, int(base), int(m.train.min_iterations)),
+        "dip_steps": int(m.dip.steps) if m.x0_source == "dip" else 0,
+        "train_iterations": max(int(m.train.min_iterations), int(base)),
         "t_max": min(int(m.train.t_max), schedule.num_timesteps),
         "num_timesteps": schedule.num_timesteps,
         "t_start": t_start,

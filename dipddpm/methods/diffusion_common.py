@@ -2,8 +2,8 @@
 
 - validation of the eps-net (``eps_net`` group) against the data side;
 - the noise schedule from ``cfg.scheduler`` and the part of it that a cache key needs;
-- profile scaling: training iterations (``profile.train_scale``) and reverse-chain
-  lengths (``profile.sample_step_scale``, 1.0 when the profile does not set it);
+- training iterations from epochs over a data set (the profile has already scaled the
+  epochs: dipddpm.profile.apply_profile);
 - cached training of an eps-net and of a DIP (the ``backbone`` group), keyed by everything
   that fixes their weights;
 - sampling helpers: wall-clock timing, PNG sample grids, digit-quality columns.
@@ -98,37 +98,13 @@ def schedule_key(cfg_scheduler) -> dict:
     return {k: v for k, v in plain(cfg_scheduler).items() if k != "softmax_c"}
 
 
-# ---------------------------------------------------------------- profile scaling
-# Sizes that depend on a method's data (training iterations, chain lengths, DIP steps); the
-# presets (eps_net.at_profile, method.at_profile) are merged by dipddpm.profile.apply_profile.
+# ---------------------------------------------------------------- training length
 
 
-def profile_steps(profile, steps: int) -> int:
-    """DIP steps under a profile: max(min_steps, 1, round(steps * step_scale))."""
-    scale = float(profile.get("step_scale", 1.0))
-    return max(int(profile.get("min_steps", 1)), 1, int(round(steps * scale)))
-
-
-def scaled_iterations(profile, iterations: int, minimum: int = 1) -> int:
-    """max(minimum, round(iterations * profile.train_scale)): training iterations under a profile."""
-    scale = float(profile.get("train_scale", 1.0))
-    return max(int(minimum), 1, int(round(iterations * scale)))
-
-
-def epoch_iterations(profile, epochs: int, count: int, batch_size: int, minimum: int = 1) -> int:
-    """Iterations for ``epochs`` passes over ``count`` images in batches (the last one partial),
-    scaled by profile.train_scale: max(minimum, round(epochs * ceil(count / batch) * train_scale))."""
-    return scaled_iterations(profile, int(epochs) * math.ceil(count / batch_size), minimum)
-
-
-def chain_length(profile, steps: int) -> int:
-    """Reverse-chain model calls under a profile: max(1, round(steps * profile.sample_step_scale)).
-
-    quick and faithful keep the real chain lengths (the timing tables need them); a profile
-    sets ``sample_step_scale`` < 1 to shorten them (missing means 1.0).
-    """
-    scale = float(profile.get("sample_step_scale", 1.0) or 1.0)
-    return max(1, int(round(int(steps) * scale)))
+def epoch_iterations(epochs: float, count: int, batch_size: int, minimum: int = 1) -> int:
+    """Optimiser steps for ``epochs`` passes (a fraction after a profile) over ``count`` images in
+    batches of ``batch_size`` (the last one partial): max(minimum, 1, round(epochs * ceil(count / batch)))."""
+    return max(int(minimum), 1, int(round(epochs * math.ceil(count / batch_size))))
 
 
 # ---------------------------------------------------------------- seeds and value ranges
@@ -195,13 +171,13 @@ def fit_dip_cached(ctx, identity: dict, build_net, code: torch.Tensor, target: t
                    clean: torch.Tensor | None = None, steps: int | None = None) -> Trained:
     """Fit a DIP from ``code`` (1, Cin, H, W) to ``target`` (1, C, H, W) through fit_dip, or load it.
 
-    ``dip`` is the method's DIP sub-config (steps, lr, reg_noise_std, ema, seed); ``steps``
-    (None: dip.steps scaled by the profile, profile_steps) is the step count. ``identity``
+    ``dip`` is the method's DIP sub-config (steps, lr, reg_noise_std, ema, seed) after the
+    profile; ``steps`` (None: dip.steps) is the step count. ``identity``
     must say what the target is; the code is fixed by dip.seed, its kind and scale (part
     of the key through ``dip``). info: psnr_final (the last output vs ``clean``, when
     given), loss_final, dip_seconds, steps.
     """
-    steps = profile_steps(ctx.profile, int(dip.steps)) if steps is None else int(steps)
+    steps = int(dip.steps) if steps is None else int(steps)
     # Only the last output is used, so the loop evaluates at its first and last step only.
     settings = DipSettings(lr=float(dip.lr), reg_noise_std=float(dip.reg_noise_std), ema=float(dip.ema),
                            eval_every=max(1, steps), progress=ctx.progress, description="dip",
