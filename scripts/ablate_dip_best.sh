@@ -7,6 +7,7 @@
 #   scripts/ablate_dip_best.sh                       # the defaults below
 #   IMAGES=a.png,b.png SEEDS=0,1 OUT=/tmp/abl scripts/ablate_dip_best.sh
 #   ONLY="dip dip_best" scripts/ablate_dip_best.sh   # a subset of the ablations
+#   EXTRA="launcher=joblib" scripts/ablate_dip_best.sh   # more overrides for every sweep (two jobs at once)
 #
 # An ablation whose overrides the installed code does not accept (a knob not there yet) is
 # reported and left out; the others still run.
@@ -18,9 +19,12 @@ SEEDS=${SEEDS:-0,1,2}
 OUT=${OUT:-outputs/ablation}
 SIGMA=0.09803921568627451   # 25/255
 
-# name | overrides (each ablation changes one part of dip_best, or is a reference point)
+# name | overrides (each ablation changes one part of dip_best, or is a reference point). The ladder
+# dip -> ema_only -> no_replicas -> dip_best adds one part at a time: output EMA, WMV choosing the
+# returned image, then the mean of 3 replicas.
 ABLATIONS=(
   "dip|method=dip"
+  "ema_only|method=dip_best method.replicas=1 early_stop=none"
   "dip_best|method=dip_best"
   "no_replicas|method=dip_best method.replicas=1"
   "no_ema|method=dip_best method.ema=0"
@@ -40,9 +44,10 @@ for entry in "${ABLATIONS[@]}"; do
   if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then
     continue
   fi
-  common=("data.path=$IMAGES" "data.size=128" "data.sigma=$SIGMA" "data.noise_seed=0"
+  read -r -a extra <<< "${EXTRA:-}"
+  common=("data.path=$IMAGES" "data.size=128" "data.fit=crop" "data.sigma=$SIGMA" "data.noise_seed=0" "${extra[@]}"
           "experiment_name=ablation/$name" "hydra.sweep.dir=$OUT/$name")
-  if ! problem=$(dipddpm-train "${overrides[@]}" "data.path=$first_image" data.size=128 "data.sigma=$SIGMA" \
+  if ! problem=$(dipddpm-train "${overrides[@]}" "data.path=$first_image" data.size=128 data.fit=crop "data.sigma=$SIGMA" \
                   dry_run=true "output_root=$OUT/.dry" 2>&1 >/dev/null); then
     echo "ablate_dip_best: $name left out: ${problem##*$'\n'}" >&2
     continue

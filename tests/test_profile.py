@@ -131,6 +131,19 @@ def test_what_each_profile_changes(name):
     assert changes(*experiment, "profile=smoke") == smoke
 
 
+# profile=standard keeps every step count, stop rule and diffusion size; it only caps image sides
+# at 64 (R1's 512-px Lenna stand-in, the default job's 128); R2's UNet stays at its minimum 128.
+STANDARD_SIZES = {"(default)": 64, "baselines/cset": 64, "denoise/zero_shot": 64,
+                  **{name: 64 for name in EXPERIMENTS if name.startswith("staged/")}}
+
+
+@pytest.mark.parametrize("name", sorted(PROFILE_CHANGES))
+def test_standard_changes_only_image_sides(name):
+    experiment = [] if name == "(default)" else [f"experiment={name}"]
+    expected = {"data.size": STANDARD_SIZES[name]} if name in STANDARD_SIZES else {}
+    assert changes(*experiment, "profile=standard") == expected
+
+
 def test_methods_see_the_scaled_plan_and_the_profile_applies_once():
     cfg = apply_profile(composed("experiment=staged/levels_increasing", "profile=quick"))
     text, plan = get_method("dip").describe(cfg)
