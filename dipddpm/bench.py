@@ -1,5 +1,8 @@
 """dipddpm-bench: how fast DIP training and diffusion sampling run on this machine.
 
+One command, one module (about 570 lines): each measure below is a short function, and they
+share the interleaved-rounds timer and the table writer.
+
 One run measures, interleaved round by round so that a busy machine slows every
 variant alike (medians over ``--repeats`` rounds):
 

@@ -1,5 +1,9 @@
 """The DIP optimisation loop shared by every DIP method.
 
+One file on purpose (about 500 lines): the loop, its settings, its result and the per-step
+choices it makes (scoring pass, early-stop observation, best weights, collapse check) are one
+mechanism; split, every DIP method would have to assemble the pieces again.
+
 A run is a sequence of stages; each stage has its own network input and target and a
 number of steps. The same network and (unless reset) the same optimiser run through
 all stages. Tensors are (1, C, H, W) on the run's device, images in [0, 1].

@@ -1,5 +1,6 @@
 """dipddpm-reproduce PROFILE: run every report table's sweep that is not finished, then regenerate
-its tables and docs/REPRODUCTION.md with a verdict per claim.
+its tables and docs/REPRODUCTION.md with a verdict per claim. One module (about 480 lines): the
+up-to-date check, the launches and the document it writes follow the same manifest.
 
 Each experiment's sweep writes under ``<output root>/reproduction/<profile>/<experiment>/`` (the
 committed results: .gitignore keeps result.json, results.csv, table.md, table.csv, manifest.json
