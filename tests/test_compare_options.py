@@ -300,3 +300,17 @@ def test_a_cell_whose_runs_carry_a_note_shows_it_instead_of_missing(sweeps, tmp_
     assert "not installed (pip install 'dipddpm[baselines]')" in bird
     head = next(line for line in table.splitlines() if line.startswith("| head"))
     assert "missing" in head   # head has no bm3d run at all
+
+
+def test_a_job_that_averages_its_replicas_is_one_run_not_one_per_replica(tmp_path):
+    """replica_output=mean (dip_best): the table shows the returned image's PSNR, not the replicas'."""
+    job = tmp_path / "sweep" / "best_s0"
+    write_run(job, "bird", "dip", 0, 30.0)
+    result = json.loads((job / "result.json").read_text(encoding="utf-8"))
+    result["metrics"].update(replicas_averaged=3, items=[{"seed": s, "psnr_final": p}
+                                                         for s, p in ((0, 28.0), (1, 29.0), (2, 27.0))])
+    (job / "result.json").write_text(json.dumps(result), encoding="utf-8")
+    out = tmp_path / "out"
+    assert cli([str(tmp_path / "sweep"), "--rows", "data.path", "--values", "psnr_final", "--out", str(out)]) == 0
+    frame = pd.read_csv(out / "table.csv")
+    assert frame["psnr_final_mean"].tolist() == [30.0] and frame["n"].tolist() == [1]

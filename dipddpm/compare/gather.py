@@ -30,6 +30,7 @@ OPTIONAL_BASE_COLUMNS = ["baseline", "uses_clean_image", "note"]   # present onl
 FIELD_PREFIXES = ["override.", "choice.", "cfg.", "item."]
 TOP_LEVEL_FIELDS = ["method", "experiment", "seed", "status", "config_hash", "baseline", "uses_clean_image"]
 ITEMS_METRIC = "items"                   # a list of per-item dicts in metrics: one frame row per item
+AVERAGED_METRIC = "replicas_averaged"    # set when method.replica_output=mean: items are replicas of one image
 SPEC_SUBTREES = ("table", "report", "hydra")
 
 
@@ -208,6 +209,8 @@ def _record_from_result(job_dir: Path) -> RunRecord:
     metrics = result.get("metrics") or {}
     items = metrics.get(ITEMS_METRIC)
     items = items if isinstance(items, list) and items and all(isinstance(i, dict) for i in items) else None
+    if AVERAGED_METRIC in metrics:  # replicas averaged into one returned image: the job is one run
+        items = None
     _add_metrics(row, {k: v for k, v in metrics.items() if not (items and k == ITEMS_METRIC)})
     table = result.get("table") or config.get("table") or nested_config(config, "table")
     spec = _spec_from(table, result.get("report") or config.get("report"))
