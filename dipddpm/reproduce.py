@@ -182,12 +182,22 @@ def write_manifest(folder: Path, command: str, fingerprint: str, overrides: list
     return manifest
 
 
+HOW_TO_RUN = ("launcher=", "threads=", "device=", "hydra.launcher.")   # overrides that leave the jobs as they are
+
+
+def job_choosing(overrides: list[str]) -> list[str]:
+    """``overrides`` without those that only say how the jobs run (launcher, threads, device)."""
+    return [o for o in overrides if not o.lstrip("+~").startswith(HOW_TO_RUN)]
+
+
 def is_up_to_date(folder: Path, fingerprint: str, overrides: list[str]) -> bool:
-    """True when the manifest's fingerprint and overrides match and every job it lists has a finished
-    result.json with the recorded config hash: nothing to launch."""
+    """True when the manifest's fingerprint and job-choosing overrides match and every job it lists
+    has a finished result.json with the recorded config hash: nothing to launch."""
     manifest = read_manifest(folder)
     jobs = manifest.get("jobs")
-    if manifest.get("fingerprint") != fingerprint or manifest.get("overrides") != overrides or not jobs:
+    recorded = manifest.get("overrides")
+    if (manifest.get("fingerprint") != fingerprint or not isinstance(recorded, list)
+            or job_choosing(recorded) != job_choosing(overrides) or not jobs):
         return False
     found = job_results(folder)
     return all(expected is not None and is_finished(found.get(name)) and found[name].get("config_hash") == expected

@@ -188,6 +188,10 @@ def test_regeneration_only_when_up_to_date_and_a_missing_job_launches(tmp_path, 
     assert rp.reproduce("smoke", EXPERIMENT, [], root, doc) == 0
     seconds = time.perf_counter() - began
     assert launched == [] and seconds < 3.0, seconds
+    # how the jobs run (launcher, threads) does not make a finished sweep out of date; seeds do
+    fingerprint = rp.config_fingerprint()
+    assert rp.is_up_to_date(folder, fingerprint, overrides + ["launcher=joblib", "threads=1"])
+    assert not rp.is_up_to_date(folder, fingerprint, overrides + ["seeds=2"])
     assert (folder / "table.md").stat().st_mtime_ns == stamp       # nothing changed: tables not rebuilt
 
     text = doc.read_text()
