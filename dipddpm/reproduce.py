@@ -307,6 +307,9 @@ def _section(entry: ReportTable, profile: str, output_root: Path, doc_dir: Path,
     lines = [f"## {heading}", "",
              f"Experiment `{entry.experiment}`: `dipddpm-reproduce {profile} --only {entry.experiment}`, "
              f"which runs `{_display_command(overrides)}`.", ""]
+    differs = differences(spec, profile)
+    if differs:
+        lines += ["What differs from the report:", "", *[f"- {text}" for text in differs], ""]
     summary = {"jobs": f"{len(finished)} of {len(results)}" if results else "not yet run", "verdicts": []}
     if not finished:
         lines += ["**Not yet run.**" if not results else "**No job has finished yet.**", ""]
@@ -335,6 +338,19 @@ def _section(entry: ReportTable, profile: str, output_root: Path, doc_dir: Path,
         lines += [f"![{name[:-4]}]({_relative(folder / name, doc_dir)})" for name in figures]
         lines += [""] if figures else []
     return "\n".join(lines), summary
+
+
+def differences(spec: dict, profile: str) -> list[str]:
+    """What differs from the report for this profile: the spec's ``differs`` entries under ``all``
+    and under the profile's name (each a string or a list of strings), in that order."""
+    differs = spec.get("differs") or {}
+    if not isinstance(differs, dict):
+        raise ValueError(f"table.differs must map a profile name (or all) to text, got {differs!r}")
+    found = []
+    for key in ("all", profile):
+        entries = differs.get(key) or []
+        found += [str(text) for text in ([entries] if isinstance(entries, str) else entries)]
+    return found
 
 
 def _report_lines(spec: dict) -> list[str]:

@@ -204,6 +204,9 @@ def test_regeneration_only_when_up_to_date_and_a_missing_job_launches(tmp_path, 
     assert "verdict: **inconclusive** — d = +12, 2 s_p = 12.43: |d| within 2 s_p" in section
     assert "honest rows (no clean image): 28 ± 1 (n=3) vs 28 ± 0.5 (n=3): **inconclusive**" in section
     assert "| uses clean image |" in section and "1 of 4" in section
+    differs = section.split("What differs from the report:\n\n")[1].split("\n\n")[0].splitlines()
+    assert differs[0] == "- Image: scikit-image's astronaut (bundled) stands in for R1's Lenna; noise sigma 0.1 as R1."
+    assert len(differs) == 3 and not any("64x64" in line for line in differs)   # the standard entry: not under smoke
     assert "![bars](../outputs/reproduction/smoke/staged/traditional_vs_staged/bars.png)" in section
     assert "## T1.2" in text and text.split("## T1.2")[1].split("\n## ")[0].count("**Not yet run.**") == 1
 
@@ -241,3 +244,14 @@ def test_an_unknown_profile_fails_before_any_launch(capsys, monkeypatch, tmp_pat
     message = capsys.readouterr().err
     assert message.startswith("dipddpm-reproduce: error: profile='nosuch' is not allowed: one of ") and "smoke" in message
     assert not (tmp_path / "R.md").exists()
+
+
+def test_differences_list_the_common_entries_then_the_profiles():
+    spec = {"differs": {"all": ["seeds 0-4"], "standard": "image 64 px", "faithful": []}}
+    assert rp.differences(spec, "standard") == ["seeds 0-4", "image 64 px"]
+    assert rp.differences(spec, "faithful") == ["seeds 0-4"]
+    assert rp.differences({}, "standard") == []
+    with pytest.raises(ValueError, match="table.differs must map"):
+        rp.differences({"differs": ["image 64 px"]}, "standard")
+    section = rp.differences(rp.table_spec("guided/backbone_scheduler"), "standard")
+    assert section[-1].startswith("SegNet at 64x64 (R2: 128x128)")
