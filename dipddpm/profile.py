@@ -1,11 +1,16 @@
-"""Profiles (``profile=faithful|quick|smoke``) applied in one place.
+"""Profiles (``profile=faithful|standard|quick|smoke``) applied in one place.
+
+faithful runs the reports' sizes. standard and quick scale no step count, chain or stop rule
+(step_scale, train_scale and sample_step_scale 1, min_steps 1): they cap image sides (64 | 32)
+and their presets shrink what a CPU cannot afford (R5's training set and eps-net; quick's are
+smaller and train R5 at lr 2e-3). smoke cuts steps and chains to seconds per run.
 
 ``apply_profile(cfg) -> cfg`` is called once per job, before validation; a method reads
 sizes and step counts that already have the profile's values. With s = profile.step_scale
 and m = profile.min_steps it:
 
-- merges ``<group>.at_profile[profile.name]`` over the backbone, the eps-net and the method (smaller
-  presets for the short profiles) and removes ``at_profile``;
+- merges ``<group>.at_profile[profile.name]`` over the data, the backbone, the eps-net and the
+  method and removes ``at_profile`` (a preset key wins over the same key set on the command line);
 - caps an image's side (``data.size``, data=image) at ``profile.max_size``, moved to the
   nearest side the backbone accepts;
 - scales DIP epoch plans: constant / list ``epoch_plan.steps`` -> max(m, round(steps * s));
@@ -50,7 +55,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dipddpm.errors import require
 
-MERGED_GROUPS = ("backbone", "eps_net", "method")
+MERGED_GROUPS = ("data", "backbone", "eps_net", "method")
 
 
 def _is_int(value) -> bool:

@@ -268,7 +268,7 @@ def backbone_for_profile(cfg, profile):
 def test_smoke_presets_narrow_the_r2_nets_and_leave_other_profiles_alone():
     for name, faithful_rule in (("unet", (64, 128)), ("segnet", (32, 64))):
         cfg = load(name)
-        for profile in ("faithful", "quick", None):
+        for profile in ("faithful", "standard", "quick", None):
             kept = backbone_for_profile(cfg, profile)
             assert "at_profile" not in kept and size_requirement(kept) == faithful_rule
         smoke = backbone_for_profile(cfg, "smoke")

@@ -184,7 +184,7 @@ def test_a_net_with_dead_relus_is_collapsed_and_a_live_one_is_not():
 
 
 R1_COLLAPSING = ["-m", "experiment=staged/traditional_vs_staged", "curriculum=r1_traditional", "variant=report",
-                 "data.size=32", "epoch_plan.steps=60", "eval_every=10", "seed=3", "optim.lr=0.005,0.001"]
+                 "data.size=32", "epoch_plan.steps=60", "eval_every=10", "seed=3", "optim.lr=0.005,0.001", "threads=1"]
 
 
 def test_r1_setup_that_collapses_is_recorded_as_collapsed_kept_and_resumed(tmp_path):

@@ -1,21 +1,22 @@
 """Profiles are applied in one place (dipddpm.profile.apply_profile), once per job, before validation.
 
 PROFILE_CHANGES lists every config value each profile changes for each experiment (at the
-experiment's own composition; faithful changes nothing). The step counts were checked by hand
-against the profile files (quick: step_scale 0.05, max_size 48, min_steps 2; smoke: 0.005, 32, 2)
-and are the stage steps and image sides the code produced before the profile moved here:
-e.g. R1 1000 steps x 0.05 = 50, x 0.005 = 5; 200 x 0.005 = 1 -> min_steps 2; R1 increasing
-[500, 1000, 1500] x 0.005 = [2.5, 5, 7.5] -> round half to even [2, 5, 8]; R2 softmax total
-2000 x 0.05 = 100. Image sides are capped and raised to the backbone's minimum (skip_light: 64,
-R2's UNet: 128 except its smoke preset's 16). The diffusion experiments' sizes (quick: step_scale
-0.05, train_scale 0.1, sample_step_scale 1; smoke: 0.005, 0.002, 0.01): R3 DIP 2000 steps -> 100 | 10,
-iterations 3000 -> 300 | 6, chain from t = 500 -> 501 x 0.01 = 5 calls, so t_start 4; R4 DIP
-200 -> 10 | 1 -> 2, epochs 20 -> 2 | 0.04, chain 1000 -> 10 (500 -> 5); R5 epochs 100 -> 10 | 0.2,
-chain T = 1000 -> 50 | 5 (R5 shortens its chain by step_scale). Sizes that depend on the data
-(iterations = epochs x ceil(N / batch)) are computed by the method from the scaled epochs;
-test_diffusion_plans_at_every_sweep_point checks them against the unscaled formulas.
+experiment's own composition; faithful changes nothing), checked by hand against the profile
+files and presets. standard and quick scale nothing (step_scale, train_scale, sample_step_scale
+1, min_steps 1): they cap image sides (standard 64, quick 32; the skip nets' minimum is 64, R2's
+UNet keeps 128) and merge R5's presets (standard: 256 training images, base-16 eps-net, no grids
+during training; quick: 128 images, base 8, lr 2e-3). smoke (step_scale 0.005, max_size 32,
+min_steps 2, train_scale 0.002, sample_step_scale 0.01): R1 1000 steps x 0.005 = 5; 200 x 0.005 = 1
+-> min_steps 2; R1 increasing [500, 1000, 1500] x 0.005 = [2.5, 5, 7.5] -> round half to even
+[2, 5, 8]; R2 softmax total 2000 x 0.005 = 10; R3 DIP 2000 steps -> 10, iterations 3000 -> 6, chain
+from t = 500 -> 501 x 0.01 = 5 calls, so t_start 4; R4 DIP 200 -> 1 -> 2, epochs 20 -> 0.04, chain
+1000 -> 10 (500 -> 5); R5 epochs 100 -> 0.2, chain T = 1000 -> 5 (R5 shortens its chain by
+step_scale). Sizes that depend on the data (iterations = epochs x ceil(N / batch)) are computed by
+the method from the scaled epochs; test_diffusion_plans_at_every_sweep_point checks them against the
+unscaled formulas.
 """
 
+import functools
 import itertools
 import math
 
@@ -33,67 +34,41 @@ from dipddpm.sweep import config_dir
 EXPERIMENTS = sorted(p.relative_to(config_dir() / "experiment").with_suffix("").as_posix()
                      for p in (config_dir() / "experiment").rglob("*.yaml"))
 
-# experiment: ({key: value under profile=quick}, {key: value under profile=smoke})
+R5_NET = {"eps_net.channel_mults": [1, 2, 2], "eps_net.num_res_blocks": 1, "eps_net.attention_resolutions": [8],
+          "eps_net.dropout": 0.0}
+R1 = {"standard": {"data.size": 64}, "quick": {"data.size": 32}}  # R1's CNNs take any side
+SKIP_NET = {"standard": {"data.size": 64}, "quick": {"data.size": 64}}  # the skip nets' minimum side is 64
+
+# experiment: {profile: {key: value apply_profile changes}}
 PROFILE_CHANGES = {
-    '(default)': (
-        {'data.size': 64, 'epoch_plan.steps': 50},
-        {'data.size': 64, 'epoch_plan.steps': 5}),
-    'baselines/cset': (
-        {'data.size': 64},
-        {'data.size': 64}),
-    'denoise/zero_shot': (
-        {'data.size': 64, 'epoch_plan.steps': 50},
-        {'data.size': 64, 'epoch_plan.steps': 5}),
-    'dip_in_ddpm/ideas': (
-        {'eps_net.base_channels': 16, 'eps_net.channel_mults': [1, 2, 2], 'eps_net.num_res_blocks': 1,
-         'eps_net.attention_resolutions': [8], 'eps_net.dropout': 0.0, 'method.train.lr': 0.002,
-         'method.train.epochs': 10, 'method.sample.calls': 50},
-        {'eps_net.base_channels': 8, 'eps_net.channel_mults': [1, 2], 'eps_net.num_res_blocks': 1,
-         'eps_net.attention_resolutions': [], 'eps_net.dropout': 0.0, 'method.train.lr': 0.002,
-         'method.train.epochs': 0.2, 'method.sample.calls': 5}),
-    'dipnoise/ddpm_epochs': (
-        {'method.dip.steps': 10, 'method.train.epochs': 2},
-        {'method.steps': 5, 'method.dip.steps': 2, 'method.train.epochs': 0.04}),
-    'dipnoise/dip_in_training': (
-        {'method.dip.steps': 10, 'method.train.epochs': 2},
-        {'method.steps': 10, 'method.dip.steps': 2, 'method.train.epochs': 0.04}),
-    'dipnoise/passes_steps': (
-        {'method.dip.steps': 10, 'method.train.epochs': 2},
-        {'method.steps': 10, 'method.dip.steps': 2, 'method.train.epochs': 0.04}),
-    'dipnoise/time_vs_steps': (
-        {'method.dip.steps': 10, 'method.train.epochs': 2},
-        {'method.steps': 10, 'method.dip.steps': 2, 'method.train.epochs': 0.04}),
-    'guided/backbone_scheduler': (
-        {'epoch_plan.total': 100, 'epoch_plan.min_steps': 2},
-        {'data.size': 32, 'backbone.channels': [8, 16, 16], 'backbone.skip_channels': [0, 4],
-         'epoch_plan.total': 10, 'epoch_plan.min_steps': 2}),
-    'staged/depth_staged': (
-        {'data.size': 48, 'epoch_plan.steps': 50},
-        {'data.size': 32, 'epoch_plan.steps': 5}),
-    'staged/depth_traditional': (
-        {'data.size': 48, 'epoch_plan.steps': 150},
-        {'data.size': 32, 'epoch_plan.steps': 15}),
-    'staged/fast_epochs': (
-        {'data.size': 48, 'epoch_plan.steps': 50},
-        {'data.size': 32, 'epoch_plan.steps': 5}),
-    'staged/levels_1000': (
-        {'data.size': 48, 'epoch_plan.steps': 50},
-        {'data.size': 32, 'epoch_plan.steps': 5}),
-    'staged/levels_200': (
-        {'data.size': 48, 'epoch_plan.steps': 10},
-        {'data.size': 32, 'epoch_plan.steps': 2}),
-    'staged/levels_increasing': (
-        {'data.size': 48, 'epoch_plan.steps': [25, 50, 75]},
-        {'data.size': 32, 'epoch_plan.steps': [2, 5, 8]}),
-    'staged/traditional_vs_staged': (
-        {'data.size': 48, 'epoch_plan.steps': 50},
-        {'data.size': 32, 'epoch_plan.steps': 5}),
-    'truncated/dip_vs_clean': (
-        {'method.dip.steps': 100, 'method.train.iterations': 300},
-        {'method.dip.steps': 10, 'method.train.iterations': 6, 'method.sample.t_start': 4}),
-    'truncated/schedule_length': (
-        {'method.dip.steps': 100, 'method.train.iterations': 300},
-        {'method.dip.steps': 10, 'method.train.iterations': 6, 'method.sample.t_start': 4}),
+    '(default)': {**SKIP_NET, 'smoke': {'data.size': 64, 'epoch_plan.steps': 5}},
+    'baselines/cset': {**SKIP_NET, 'smoke': {'data.size': 64}},
+    'denoise/zero_shot': {**SKIP_NET, 'smoke': {'data.size': 64, 'epoch_plan.steps': 5}},
+    'dip_in_ddpm/ideas': {
+        'standard': {'data.limit': 256, 'eps_net.base_channels': 16, **R5_NET, 'method.eval.grid_every_epochs': None},
+        'quick': {'data.limit': 128, 'eps_net.base_channels': 8, **R5_NET, 'method.train.lr': 0.002,
+                  'method.eval.grid_every_epochs': None},
+        'smoke': {'eps_net.base_channels': 8, 'eps_net.channel_mults': [1, 2], 'eps_net.num_res_blocks': 1,
+                  'eps_net.attention_resolutions': [], 'eps_net.dropout': 0.0, 'method.train.lr': 0.002,
+                  'method.train.epochs': 0.2, 'method.sample.calls': 5}},
+    'dipnoise/ddpm_epochs': {'smoke': {'method.steps': 5, 'method.dip.steps': 2, 'method.train.epochs': 0.04}},
+    'dipnoise/dip_in_training': {'smoke': {'method.steps': 10, 'method.dip.steps': 2, 'method.train.epochs': 0.04}},
+    'dipnoise/passes_steps': {'smoke': {'method.steps': 10, 'method.dip.steps': 2, 'method.train.epochs': 0.04}},
+    'dipnoise/time_vs_steps': {'smoke': {'method.steps': 10, 'method.dip.steps': 2, 'method.train.epochs': 0.04}},
+    'guided/backbone_scheduler': {
+        'smoke': {'data.size': 32, 'backbone.channels': [8, 16, 16], 'backbone.skip_channels': [0, 4],
+                  'epoch_plan.total': 10, 'epoch_plan.min_steps': 2}},
+    'staged/depth_staged': {**R1, 'smoke': {'data.size': 32, 'epoch_plan.steps': 5}},
+    'staged/depth_traditional': {**R1, 'smoke': {'data.size': 32, 'epoch_plan.steps': 15}},
+    'staged/fast_epochs': {**R1, 'smoke': {'data.size': 32, 'epoch_plan.steps': 5}},
+    'staged/levels_1000': {**R1, 'smoke': {'data.size': 32, 'epoch_plan.steps': 5}},
+    'staged/levels_200': {**R1, 'smoke': {'data.size': 32, 'epoch_plan.steps': 2}},
+    'staged/levels_increasing': {**R1, 'smoke': {'data.size': 32, 'epoch_plan.steps': [2, 5, 8]}},
+    'staged/traditional_vs_staged': {**R1, 'smoke': {'data.size': 32, 'epoch_plan.steps': 5}},
+    'truncated/dip_vs_clean': {'smoke': {'method.dip.steps': 10, 'method.train.iterations': 6,
+                                         'method.sample.t_start': 4}},
+    'truncated/schedule_length': {'smoke': {'method.dip.steps': 10, 'method.train.iterations': 6,
+                                            'method.sample.t_start': 4}},
 }
 
 
@@ -125,29 +100,71 @@ def test_every_experiment_is_listed():
 @pytest.mark.parametrize("name", sorted(PROFILE_CHANGES))
 def test_what_each_profile_changes(name):
     experiment = [] if name == "(default)" else [f"experiment={name}"]
-    quick, smoke = PROFILE_CHANGES[name]
     assert changes(*experiment, "profile=faithful") == {}
-    assert changes(*experiment, "profile=quick") == quick
-    assert changes(*experiment, "profile=smoke") == smoke
+    for profile in ("standard", "quick", "smoke"):
+        assert changes(*experiment, f"profile={profile}") == PROFILE_CHANGES[name].get(profile, {}), profile
 
 
-# profile=standard keeps every step count, stop rule and diffusion size; it only caps image sides
-# at 64 (R1's 512-px Lenna stand-in, the default job's 128); R2's UNet stays at its minimum 128.
-STANDARD_SIZES = {"(default)": 64, "baselines/cset": 64, "denoise/zero_shot": 64,
-                  **{name: 64 for name in EXPERIMENTS if name.startswith("staged/")}}
+# A key names a step count, a chain, a training length or a stop rule when one of its parts holds
+# one of these words (epoch_plan.*, early_stop.*, method.dip.steps, method.train.iterations, ...).
+STEP_WORDS = ("step", "iteration", "epoch", "calls", "t_start", "total", "patience", "stop", "timesteps")
+GRID_CADENCE = "method.eval.grid_every_epochs"  # when R5 draws its sample grids, not how long anything trains
+# every group file that can carry at_profile presets, composed alone beside the experiments
+PRESET_GROUPS = [f"{group}={p.stem}" for group in ("backbone", "eps_net", "method")
+                 for p in sorted((config_dir() / group).glob("*.yaml"))]
 
 
-@pytest.mark.parametrize("name", sorted(PROFILE_CHANGES))
-def test_standard_changes_only_image_sides(name):
-    experiment = [] if name == "(default)" else [f"experiment={name}"]
-    expected = {"data.size": STANDARD_SIZES[name]} if name in STANDARD_SIZES else {}
-    assert changes(*experiment, "profile=standard") == expected
+@functools.cache
+def composed_once(*overrides):
+    """composed(*overrides), composed once per test session (callers copy it before changing it)."""
+    return composed(*overrides)
+
+
+def step_values(cfg) -> dict:
+    """The step, chain, training-length and stop-rule values of a config after apply_profile."""
+    return {key: value for key, value in flat(cfg).items()
+            if not key.startswith(("profile.", "table.", "report."))
+            and any(word in part for part in key.split(".") for word in STEP_WORDS)}
+
+
+def under_profile(cfg, profile: str):
+    """apply_profile of ``cfg`` with its profile node replaced by conf/profile/<profile>.yaml."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.profile = OmegaConf.load(config_dir() / "profile" / f"{profile}.yaml")
+    return apply_profile(cfg)
+
+
+@pytest.mark.parametrize("overrides", [[], *([f"experiment={name}"] for name in EXPERIMENTS),
+                                       *([group] for group in PRESET_GROUPS)], ids=str)
+def test_quick_and_standard_scale_no_step_count_or_stop_rule(overrides):
+    """Issue 14: only smoke changes step counts and stop rules. quick has standard's values for every
+    such key, and standard faithful's (R5's grid cadence aside; R5's iterations per epoch follow its
+    preset training-set size, tests/test_r5.py)."""
+    base = composed_once(*overrides)
+    values = {profile: step_values(under_profile(base, profile)) for profile in ("faithful", "standard", "quick")}
+    assert values["quick"] == values["standard"]
+    for profile in ("faithful", "standard"):
+        values[profile].pop(GRID_CADENCE, None)
+    assert values["standard"] == values["faithful"]
+
+
+def test_step_values_see_every_key_smoke_scales():
+    """The filter above is not blind: it finds every key kind smoke scales in some experiment or preset."""
+    scaled = set()
+    for overrides in [[f"experiment={name}"] for name in EXPERIMENTS] + [[group] for group in PRESET_GROUPS]:
+        base = composed_once(*overrides)
+        faithful, smoke = step_values(under_profile(base, "faithful")), step_values(under_profile(base, "smoke"))
+        scaled |= {key for key in smoke if smoke[key] != faithful.get(key)}
+    assert scaled >= {"epoch_plan.steps", "epoch_plan.total", "epoch_plan.min_steps", "method.dip.steps",
+                      "method.train.iterations", "method.train.epochs", "method.sample.calls", "method.sample.t_start",
+                      "method.steps", "method.max_steps", "method.patience", "method.lr_step"}
 
 
 def test_methods_see_the_scaled_plan_and_the_profile_applies_once():
-    cfg = apply_profile(composed("experiment=staged/levels_increasing", "profile=quick"))
+    cfg = apply_profile(composed("experiment=staged/levels_increasing", "profile=smoke"))
     text, plan = get_method("dip").describe(cfg)
-    assert [stage["steps"] for stage in plan["stages"]] == [25, 50, 75] and plan["total_steps"] == 150
+    assert [stage["steps"] for stage in plan["stages"]] == [2, 5, 8] and plan["total_steps"] == 15
     assert apply_profile(cfg) is cfg
     softmax = apply_profile(composed("noise_plan=ddpm", "epoch_plan=softmax_beta", "profile=smoke"))
     stages = get_method("dip").describe(softmax)[1]["stages"]
@@ -163,7 +180,7 @@ def test_step_rounding_and_floors():
 
 
 def test_invalid_values_are_left_for_validation_to_name():
-    cfg = apply_profile(composed("method.steps=-5", "profile=quick"))
+    cfg = apply_profile(composed("method.steps=-5", "profile=smoke"))
     assert cfg.epoch_plan.steps == -5
     with pytest.raises(ConfigError) as info:
         get_method("dip").validate(cfg)
@@ -186,7 +203,7 @@ def test_presets_merge_nested_keys_and_unknown_keys_name_the_preset():
 # ---------------------------------------------------------------- the diffusion methods
 
 DIFFUSION_EXPERIMENTS = [name for name in EXPERIMENTS if name.split("/")[0] in ("truncated", "dipnoise", "dip_in_ddpm")]
-PROFILES = ("faithful", "quick", "smoke")
+PROFILES = ("faithful", "standard", "quick", "smoke")
 # points beside the sweeps that take the other branches: R3 with sample.calls set or a lower
 # start, given iterations; R4 a one-step chain, other batch sizes; R5 given calls and DIP steps
 EXTRA_POINTS = {
@@ -258,7 +275,7 @@ def test_diffusion_plans_at_every_sweep_point(experiment):
     sizes computed from the unscaled config by the formulas the methods used before (their float
     order included), and does not change when the profile's scales are then set to 1: the method
     reads already-scaled values."""
-    counts = {"ddpm_dipnoise": 5000, "ddpm_dataset": 2043, "ddpm_single": 0}  # bundled digits, patches32's train split
+    full = {"ddpm_dipnoise": 5000, "ddpm_dataset": 2043, "ddpm_single": 0}  # bundled digits, patches32's train split
     points = sweep_points(experiment) + EXTRA_POINTS.get(experiment, [])
     rows = sorted({point.get("r4_row") for point in points}, key=str)
     for profile, row in itertools.product(PROFILES, rows):
@@ -272,12 +289,13 @@ def test_diffusion_plans_at_every_sweep_point(experiment):
             unscaled = OmegaConf.create({k: OmegaConf.to_container(cfg[k], resolve=True)
                                          for k in ("profile", "method", "scheduler")})
             scaled = apply_profile(cfg)
-            plan = diffusion_plan(module, scaled, counts[base.method.name])
-            expected = unscaled_plan(base.method.name, unscaled, counts[base.method.name])
+            count = min(full[base.method.name], scaled.data.get("limit") or full[base.method.name])  # R5's presets
+            plan = diffusion_plan(module, scaled, count)
+            expected = unscaled_plan(base.method.name, unscaled, count)
             assert {k: plan[k] for k in expected} == expected, (profile, point)
             with open_dict(scaled):
                 scaled.profile.update(step_scale=1.0, min_steps=1, train_scale=1.0, sample_step_scale=1.0)
-            assert diffusion_plan(module, scaled, counts[base.method.name]) == plan
+            assert diffusion_plan(module, scaled, count) == plan
 
 
 def test_scaled_epochs_round_like_scaled_iterations_for_any_data_size():

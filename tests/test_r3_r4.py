@@ -25,7 +25,7 @@ from dipddpm.profile import apply_profile
 from dipddpm.sweep import config_dir
 
 # Reverse chains are shortened 100x under smoke (conf/profile/smoke.yaml's sample_step_scale;
-# quick and faithful keep the real lengths).
+# every other profile keeps the real lengths).
 CHAIN_SCALE = float(OmegaConf.load(config_dir() / "profile" / "smoke.yaml").sample_step_scale)
 SMOKE = ["profile=smoke", "seeds=1", "threads=1"]
 
@@ -211,18 +211,19 @@ def test_bad_config_is_a_config_error_before_training(module, overrides, key):
 
 
 def test_experiment_configs_are_valid_and_describe_their_plan():
-    """The plans of configs after apply_profile (quick: DIP steps x 0.05, iterations x 0.1, chains kept)."""
+    """The plans of configs after apply_profile (quick: steps, iterations and chains as written, 32 samples)."""
     cfg = apply_profile(composed("experiment=truncated/schedule_length", "scheduler.num_timesteps=501",
                                  "profile=quick"))
     ddpm_single.validate(cfg)
     _, plan = ddpm_single.describe(cfg)
-    assert plan == {"x0_source": "dip", "dip_steps": 100, "train_iterations": 300, "t_max": 500,
+    assert plan == {"x0_source": "dip", "dip_steps": 2000, "train_iterations": 3000, "t_max": 500,
                     "num_timesteps": 501, "t_start": 500, "model_calls": 501, "num_samples": 32}
     assert cfg.backbone.hidden == [64, 64, 1] and cfg.eps_net.name == "unet_res"
     cfg = apply_profile(composed("experiment=dipnoise/time_vs_steps", "profile=quick", "method.steps=300"))
     ddpm_dipnoise.validate(cfg)
     _, plan = ddpm_dipnoise.describe(cfg)
-    assert plan["chain_steps"] == 300 and plan["train_iterations"] == 80 and plan["dip_steps"] == 10
+    # R4's 20 epochs of ceil(5000 / 128) = 40 iterations on the bundled digits; its 200-step DIP
+    assert plan["chain_steps"] == 300 and plan["train_iterations"] == 20 * 40 and plan["dip_steps"] == 200
     assert ddpm_single.clean_image_uses(composed("experiment=truncated/dip_vs_clean", "method.x0_source=clean"))
     assert not ddpm_single.clean_image_uses(composed("experiment=truncated/dip_vs_clean"))
 

@@ -54,8 +54,9 @@ def test_unet_wide_config_defaults_groups_and_profiles():
     assert unet_wide.group_count(128, 32) == 32 and unet_wide.group_count(256, 32) == 32
     assert unet_wide.group_count(8, 32) == 2 and unet_wide.group_count(48, 32) == 12
     assert unet_wide.group_count(3, 32) == 1 and unet_wide.group_count(64, 4) == 4
+    standard = preset_merged(OmegaConf.to_container(cfg), "eps_net", "standard")
     quick = preset_merged(OmegaConf.to_container(cfg), "eps_net", "quick")
-    assert quick["base_channels"] == 16 and "at_profile" not in quick
+    assert (standard["base_channels"], quick["base_channels"]) == (16, 8) and "at_profile" not in quick
     assert preset_merged(OmegaConf.to_container(cfg), "eps_net", "faithful")["base_channels"] == 128
     with pytest.raises(ConfigError):
         preset_merged(OmegaConf.to_container(cfg) | {"at_profile": {"quick": {"width": 3}}}, "eps_net", "quick")
@@ -288,29 +289,41 @@ def test_bad_config_is_a_config_error(overrides, key):
     assert error.value.key == key
 
 
-def test_experiment_sets_r5_schedule_per_run():
-    configs = {mode: apply_profile(composed("experiment=dip_in_ddpm/ideas", "profile=quick", f"method.dip_mode={mode}"))
-               for mode in ddpm_dataset.DIP_MODES}
+# R5 under each profile: (training images, iterations per epoch, grid iterations, samples, lr, eps-net width).
+# 100 epochs of batch 128 on 256 | 128 | 2043 images; grids every 5 epochs under faithful only.
+R5_PLANS = {
+    "standard": (256, 2, [], 64, 2e-4, 16),
+    "quick": (128, 1, [], 32, 2e-3, 8),
+    "faithful": (2043, 16, list(range(80, 1600, 80)), 64, 2e-4, 128),
+}
+
+
+@pytest.mark.parametrize("profile", sorted(R5_PLANS))
+def test_experiment_sets_r5_schedule_per_run(profile):
+    """R5's T per run, DIP fits, epochs and chains are the same under faithful, standard and quick; the
+    profiles' presets change the training set, the eps-net's width, the grid cadence and quick's lr."""
+    images, per_epoch, grids, samples, lr, width = R5_PLANS[profile]
+    configs = {mode: apply_profile(composed("experiment=dip_in_ddpm/ideas", f"profile={profile}",
+                                            f"method.dip_mode={mode}")) for mode in ddpm_dataset.DIP_MODES}
     plans = {mode: ddpm_dataset.plan(cfg) for mode, cfg in configs.items()}
-    profile = configs["none"].profile
     assert {m: p["num_timesteps"] for m, p in plans.items()} == {"none": 1000, "replace_noise": 800, "target": 800}
-    long_fit = max(5, round(1000 * profile.step_scale), profile.min_steps)
-    assert {m: p["dip_steps"] for m, p in plans.items()} == {"none": 0, "replace_noise": 5, "target": long_fit}
-    assert plans["none"]["epochs"] == pytest.approx(100 * profile.train_scale)
-    assert plans["none"]["chain_steps"] == max(profile.min_steps, round(1000 * profile.step_scale))
-    assert plans["none"]["lr"] == 2e-3
+    assert {m: p["chain_steps"] for m, p in plans.items()} == {"none": 1000, "replace_noise": 800, "target": 800}
+    assert {m: p["dip_steps"] for m, p in plans.items()} == {"none": 0, "replace_noise": 5, "target": 1000}
+    for p in plans.values():
+        assert (p["train_images"], p["iterations_per_epoch"], p["epochs"]) == (images, per_epoch, 100)
+        assert (p["train_iterations"], p["grid_iterations"]) == (100 * per_epoch, grids)
+        assert (p["num_samples"], p["lr"]) == (samples, lr)
+    assert configs["none"].eps_net.base_channels == width
+
+
+@pytest.mark.parametrize("group,preset", [("method", {"train": {"learning_rate": 1.0}}), ("data", {"size": 16})])
+def test_presets_name_their_unknown_keys(group, preset):
     faithful = composed("experiment=dip_in_ddpm/ideas", "profile=faithful")
-    assert ddpm_dataset.plan(apply_profile(faithful))["lr"] == 2e-4
-    assert apply_profile(faithful).eps_net.base_channels == 128
-    assert configs["none"].eps_net.base_channels == 16
     with open_dict(faithful):
-        faithful.method.at_profile.faithful = {"train": {"learning_rate": 1.0}}
+        faithful[group].at_profile = {"faithful": preset}
     with pytest.raises(ConfigError) as error:
         apply_profile(faithful)
-    assert error.value.key == "method.at_profile.faithful"
-    per_epoch = plans["none"]["iterations_per_epoch"]
-    assert plans["none"]["grid_iterations"] == list(range(5 * per_epoch, plans["none"]["train_iterations"],
-                                                          5 * per_epoch))
+    assert error.value.key == f"{group}.at_profile.faithful"
 
 
 # ---------------------------------------------------------------- the sweep

@@ -9,7 +9,7 @@ import pytest
 from dipddpm.sweep import JobLock, check_group_choices, job_dirname, overrides_dict
 
 SWEEP = ["-m", "backbone=cnn", "backbone.depth=3", "data.size=16", "method.steps=3", "eval_every=1",
-         "seed=0,1,2", "threads=1"]
+         "seed=0,1,2,3", "threads=1"]
 
 
 def results(root):
@@ -17,46 +17,38 @@ def results(root):
 
 
 def test_job_folders_are_named_by_overrides_and_rerun_skips_finished(train, tmp_path):
+    """A rerun skips finished jobs and reruns deleted, interrupted and failed ones; force reruns all."""
     first = train(*SWEEP, f"output_root={tmp_path}")
     assert first.returncode == 0, first.stderr[-3000:]
     found = results(tmp_path)
-    assert set(found) == {f"backbone.depth=3,backbone=cnn,data.size=16,eval_every=1,method.steps=3,seed={s}" for s in range(3)}
+    assert set(found) == {f"backbone.depth=3,backbone=cnn,data.size=16,eval_every=1,method.steps=3,seed={s}" for s in range(4)}
     sweep_dir = next(iter(found.values())).parent.parent
     assert sweep_dir == tmp_path / "sweeps" / "adhoc" / "faithful"
     assert (sweep_dir / "table.md").is_file() and (sweep_dir / "results.csv").is_file()
 
     stamps = {name: path.stat().st_mtime_ns for name, path in found.items()}
-    removed = sorted(found)[1]
+    finished, removed, interrupted, failed = sorted(found)
     found[removed].unlink()
+    # an interrupted job: no result.json, a lock left by a process that no longer exists
+    found[interrupted].unlink()
+    (found[interrupted].parent / ".lock").write_text(f"{os.uname().nodename} 999999\n")
+    record = json.loads(found[failed].read_text())
+    record["status"] = "failed"
+    found[failed].write_text(json.dumps(record))
     time.sleep(0.05)
     second = train(*SWEEP, f"output_root={tmp_path}")
     assert second.returncode == 0
     after = results(tmp_path)
     rerun = {name for name, path in after.items() if path.stat().st_mtime_ns != stamps.get(name)}
-    assert rerun == {removed}
-    assert (second.stdout + second.stderr).count("skip ") == 2
+    assert rerun == {removed, interrupted, failed}
+    assert (second.stdout + second.stderr).count("skip ") == 1
+    assert {json.loads(path.read_text())["status"] for path in after.values()} == {"ok"}
+    assert not (found[interrupted].parent / ".lock").exists()
 
+    stamps = {name: path.stat().st_mtime_ns for name, path in after.items()}
     forced = train(*SWEEP, "force=true", f"output_root={tmp_path}")
     assert forced.returncode == 0
     assert all(p.stat().st_mtime_ns != stamps.get(n) for n, p in results(tmp_path).items())
-
-
-def test_interrupted_and_failed_jobs_rerun_changed_config_reruns(train, tmp_path):
-    args = ["-m", "backbone=cnn", "backbone.depth=3", "data.size=16", "method.steps=3", "seed=0,1", "threads=1",
-            f"output_root={tmp_path}"]
-    assert train(*args).returncode == 0
-    jobs = results(tmp_path)
-    interrupted, failed = sorted(jobs)
-    # an interrupted job: no result.json, a lock left by a process that no longer exists
-    jobs[interrupted].unlink()
-    (jobs[interrupted].parent / ".lock").write_text(f"{os.uname().nodename} 999999\n")
-    record = json.loads(jobs[failed].read_text())
-    record["status"] = "failed"
-    jobs[failed].write_text(json.dumps(record))
-    assert train(*args).returncode == 0
-    statuses = {n: json.loads(p.read_text())["status"] for n, p in results(tmp_path).items()}
-    assert statuses == {interrupted: "ok", failed: "ok"}
-    assert not (jobs[interrupted].parent / ".lock").exists()
 
 
 def test_a_failing_job_does_not_stop_the_sweep(train, tmp_path):

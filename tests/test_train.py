@@ -1,4 +1,5 @@
-"""The app end to end, as a user runs it: one job, its files, its errors."""
+"""The app end to end, as a user runs it: one job, its files, its errors (each bad input's
+message found in-process; one bad input per place the CLI stops run as a process)."""
 
 import csv
 import json
@@ -6,11 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import composed, run_train
 
 from dipddpm.dip import DipSettings, Stage, fit_dip
-from dipddpm.errors import DivergedError
+from dipddpm.errors import ConfigError, DivergedError
+from dipddpm.sweep import check_composition, check_group_choices
+from dipddpm.train import prepare_job
 
-TINY = ["backbone=skip_mnist", "data.size=32", "method.steps=12", "eval_every=4", "method.code_channels=4"]
+TINY = ["backbone=skip_mnist", "data.size=32", "method.steps=12", "eval_every=4", "method.code_channels=4",
+        "threads=1"]
 
 
 def run_dir_from(output: str) -> Path:
@@ -18,10 +23,16 @@ def run_dir_from(output: str) -> Path:
     return Path(line.split("results: ", 1)[1].strip())
 
 
-def test_tiny_run_writes_every_file(train, tmp_path):
-    proc = train(*TINY, f"output_root={tmp_path}")
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One TINY job with seed 0 in a fresh process: (the finished process, its run folder)."""
+    proc = run_train(*TINY, f"output_root={tmp_path_factory.mktemp('tiny')}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    run = run_dir_from(proc.stdout + proc.stderr)
+    return proc, run_dir_from(proc.stdout + proc.stderr)
+
+
+def test_tiny_run_writes_every_file(tiny_run):
+    _, run = tiny_run
     for name in ("result.json", "curve.csv", "clean.png", "noisy.png", "final.png", "best.png", "curves.png"):
         assert (run / name).is_file(), name
     result = json.loads((run / "result.json").read_text())
@@ -40,15 +51,27 @@ def test_tiny_run_writes_every_file(train, tmp_path):
     assert max(float(r["psnr"]) for r in rows) == pytest.approx(metrics["psnr_best"], abs=1e-6)
 
 
-def test_same_seed_gives_identical_metrics(train, tmp_path):
-    first = train(*TINY, f"output_root={tmp_path / 'a'}")
-    second = train(*TINY, f"output_root={tmp_path / 'b'}")
-    load = lambda p: json.loads((run_dir_from(p.stdout + p.stderr) / "result.json").read_text())["metrics"]  # noqa: E731
-    a, b = load(first), load(second)
+def test_same_seed_gives_identical_metrics(tiny_run, train, tmp_path):
+    """A second process repeats seed 0 (as the first job of a sweep) and runs seed 1."""
+    proc = train("-m", *TINY, "seed=0,1", f"output_root={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    by_seed = {r["seed"]: r["metrics"] for r in (json.loads(p.read_text()) for p in tmp_path.rglob("result.json"))}
+    first = json.loads((tiny_run[1] / "result.json").read_text())["metrics"]
     timing = {"wall_seconds", "steps_per_second"}
-    assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
-    third = train(*TINY, "seed=1", f"output_root={tmp_path / 'c'}")
-    assert load(third)["psnr_final"] != a["psnr_final"]
+    untimed = lambda metrics: {k: v for k, v in metrics.items() if k not in timing}  # noqa: E731
+    assert untimed(first) == untimed(by_seed[0])
+    assert by_seed[1]["psnr_final"] != first["psnr_final"]
+
+
+def error_line(*args) -> str:
+    """The error line dipddpm-train prints for a bad command line, found in this process in cli's
+    order: the group choices, the composition, then the job's own validation."""
+    problem = check_group_choices(list(args)) or check_composition(list(args))
+    if problem is None:
+        with pytest.raises(ConfigError) as info:
+            prepare_job(composed(*args))
+        problem = str(info.value)
+    return f"dipddpm-train: error: {problem}"
 
 
 @pytest.mark.parametrize("args,key", [
@@ -64,23 +87,25 @@ def test_same_seed_gives_identical_metrics(train, tmp_path):
     (["data=mnist"], "data='mnist'"),
     (["method=classical", "data=digit"], "data='digit'"),
 ])
-def test_bad_input_is_one_line_naming_the_key(train, tmp_path, args, key):
+def test_bad_input_names_the_key(args, key):
+    assert error_line(*args).startswith(f"dipddpm-train: error: {key} is not allowed: ")
+
+
+# one bad command line for each place cli stops: the group check, the composition, the job's validation
+@pytest.mark.parametrize("args", [["backbone=nonsense"], ["data.sizee=3"], ["data.sigma=1.5"]])
+def test_bad_input_is_one_line_and_exit_status_2(train, tmp_path, args):
     proc = train(*args, f"output_root={tmp_path}")
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.strip() and "Warning" not in l and "warn" not in l]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"dipddpm-train: error: {key} is not allowed: ")
+    assert lines == [error_line(*args)], proc.stderr
     assert not list(tmp_path.rglob("result.json"))
 
 
-def test_an_undecodable_image_file_is_a_config_error(train, tmp_path):
+def test_an_undecodable_image_file_is_a_config_error(tmp_path):
     fake = tmp_path / "x.png"
     fake.write_text("not an image\n")
-    proc = train(f"data.path={fake}", f"output_root={tmp_path}")
-    assert proc.returncode == 2
-    lines = [l for l in proc.stderr.splitlines() if l.strip() and "Warning" not in l and "warn" not in l]
-    assert lines == [f"dipddpm-train: error: data.path='{fake}' is not allowed: a readable image file (OSError)"]
-    assert not list(tmp_path.rglob("result.json"))
+    assert error_line(f"data.path={fake}") == \
+        f"dipddpm-train: error: data.path='{fake}' is not allowed: a readable image file (OSError)"
 
 
 def test_dry_run_writes_plan_without_training(train, tmp_path):
@@ -95,7 +120,7 @@ def test_dry_run_writes_plan_without_training(train, tmp_path):
 
 def test_diverging_run_is_recorded_as_diverged(train, tmp_path):
     proc = train("backbone=cnn", "backbone.depth=3", "data.size=16", "method.steps=30", "eval_every=10",
-                 "optim.lr=1e30", "method.input=noisy", f"output_root={tmp_path}")
+                 "optim.lr=1e30", "method.input=noisy", "threads=1", f"output_root={tmp_path}")
     assert proc.returncode == 1
     result = json.loads(next(tmp_path.rglob("result.json")).read_text())
     assert result["status"] == "diverged"
