@@ -11,8 +11,9 @@ and m = profile.min_steps it:
 
 - merges ``<group>.at_profile[profile.name]`` over the data, the backbone, the eps-net and the
   method and removes ``at_profile`` (a preset key wins over the same key set on the command line);
-- caps an image's side (``data.size``, data=image) at ``profile.max_size``, moved to the
-  nearest side the backbone accepts;
+- caps an image's side (``data.size``, data=image) at ``profile.max_size`` (or the backbone's own
+  ``max_side`` when that is smaller, e.g. SegNet's standard preset), moved to the nearest side the
+  backbone accepts;
 - scales DIP epoch plans: constant / list ``epoch_plan.steps`` -> max(m, round(steps * s));
   softmax_beta ``epoch_plan.total`` -> max(1, round(total * s)), each stage then at least
   ``epoch_plan.min_steps`` = max(its own, m) (a total of 0 or 1 splits alike: all to the floor);
@@ -98,7 +99,13 @@ def _capped_size(cfg) -> int | None:
     from dipddpm.models import size_requirement
 
     size, max_size = cfg["data"].get("size"), cfg["profile"].get("max_size")
-    if max_size is None or cfg.get("backbone") is None:
+    if cfg.get("backbone") is None:
+        return None
+    own = cfg["backbone"].get("max_side")
+    if own is not None:
+        require(_is_int(own) and own >= 1, "backbone.max_side", own, "null or an integer >= 1")
+        max_size = own if max_size is None else min(max_size, own)
+    if max_size is None:
         return None
     require(_is_int(max_size) and max_size >= 1, "profile.max_size", max_size, "null or an integer >= 1")
     if not (size is None or (_is_int(size) and size > max_size)):

@@ -250,7 +250,7 @@ def test_size_requirements():
     assert size_requirement(load("cnn")) == (1, 1)
     assert size_requirement(load("cnn_r3")) == (1, 1)
     assert size_requirement(load("unet")) == (64, 128)
-    assert size_requirement(load("segnet")) == (32, 64)
+    assert size_requirement(load("segnet")) == (32, 32)
     assert size_requirement(load("skip")) == (32, 64)
     assert size_requirement(load("skip_mnist")) == (8, 16)
     assert size_requirement(load("skip_mnist", pad="zero", filter_size_down=5)) == (8, 16)
@@ -266,13 +266,13 @@ def backbone_for_profile(cfg, profile):
 
 
 def test_smoke_presets_narrow_the_r2_nets_and_leave_other_profiles_alone():
-    for name, faithful_rule in (("unet", (64, 128)), ("segnet", (32, 64))):
+    for name, faithful_rule, smoke_rule in (("unet", (64, 128), (8, 16)), ("segnet", (32, 32), (8, 8))):
         cfg = load(name)
         for profile in ("faithful", "standard", "quick", None):
             kept = backbone_for_profile(cfg, profile)
             assert "at_profile" not in kept and size_requirement(kept) == faithful_rule
         smoke = backbone_for_profile(cfg, "smoke")
-        assert "at_profile" not in smoke and size_requirement(smoke) == (8, 16)
+        assert "at_profile" not in smoke and size_requirement(smoke) == smoke_rule
         net = build_backbone(smoke, 3, 3)
         assert net(torch.rand(1, 3, 32, 32)).shape == (1, 3, 32, 32)
     assert backbone_for_profile(load("segnet"), "smoke").blocks == [[8], [8], [16]]

@@ -65,9 +65,9 @@ PROFILE_CHANGES = {
     'staged/levels_200': {**R1, 'smoke': {'data.size': 32, 'epoch_plan.steps': 2}},
     'staged/levels_increasing': {**R1, 'smoke': {'data.size': 32, 'epoch_plan.steps': [2, 5, 8]}},
     'staged/traditional_vs_staged': {**R1, 'smoke': {'data.size': 32, 'epoch_plan.steps': 5}},
-    'truncated/dip_vs_clean': {'smoke': {'method.dip.steps': 10, 'method.train.iterations': 6,
+    'truncated/dip_vs_clean': {'standard': {'method.num_samples': 8}, 'smoke': {'method.dip.steps': 10, 'method.train.iterations': 6,
                                          'method.sample.t_start': 4}},
-    'truncated/schedule_length': {'smoke': {'method.dip.steps': 10, 'method.train.iterations': 6,
+    'truncated/schedule_length': {'standard': {'method.num_samples': 8}, 'smoke': {'method.dip.steps': 10, 'method.train.iterations': 6,
                                             'method.sample.t_start': 4}},
 }
 
@@ -91,6 +91,23 @@ def changes(*overrides) -> dict:
     cfg = composed(*overrides)
     before, after = flat(cfg), flat(apply_profile(cfg))
     return {key: value for key, value in after.items() if before.get(key) != value and key != "profile.applied"}
+
+
+def test_standard_runs_segnet_at_32_px_and_r3_on_8_samples():
+    sides = {profile: apply_profile(composed("experiment=guided/backbone_scheduler", "backbone=segnet_r2",
+                                             f"profile={profile}")).data.size
+             for profile in ("faithful", "standard", "quick")}
+    assert sides == {"faithful": 128, "standard": 32, "quick": 32}
+    assert apply_profile(composed("experiment=guided/backbone_scheduler", "backbone=unet",
+                                  "profile=standard")).data.size == 128
+    assert apply_profile(composed("backbone=segnet", "data.size=256", "profile=faithful",
+                                  "backbone.max_side=64")).data.size == 64
+    with pytest.raises(ConfigError, match="backbone.max_side"):
+        apply_profile(composed("backbone=segnet", "profile=standard", "backbone.at_profile.standard.max_side=0"))
+    samples = {profile: ddpm_single._plan(apply_profile(composed("experiment=truncated/dip_vs_clean",
+                                                                 f"profile={profile}")))["num_samples"]
+               for profile in ("faithful", "standard", "quick")}
+    assert samples == {"faithful": 64, "standard": 8, "quick": 32}
 
 
 def test_every_experiment_is_listed():

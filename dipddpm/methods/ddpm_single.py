@@ -55,7 +55,10 @@ def validate(cfg) -> None:
         top = min(int(m.sample.t_start), common.schedule_from(cfg).num_timesteps - 1)
         common.require_int("method.sample.calls", m.sample.calls, maximum=top + 1)
     validate_sample_config(m.sample)
-    common.validate_num_samples(cfg.profile)
+    if m.num_samples is None:
+        common.validate_num_samples(cfg.profile)
+    else:
+        common.require_int("method.num_samples", m.num_samples, minimum=2)
     common.require_int("method.quality_reference", m.quality_reference, minimum=2)
     _load_digit(cfg)
 
@@ -80,7 +83,7 @@ def _plan(cfg) -> dict:
         "num_timesteps": schedule.num_timesteps,
         "t_start": t_start,
         "model_calls": calls,
-        "num_samples": int(cfg.profile.num_samples),
+        "num_samples": int(cfg.profile.num_samples if m.num_samples is None else m.num_samples),
     }
 
 
@@ -138,7 +141,7 @@ def run(ctx) -> dict:
         batch_size=int(m.train.batch_size), lr=float(m.train.lr), seed=int(m.train.seed), t_max=plan["t_max"])
     model = trained.model.to(device)
 
-    count = int(cfg.profile.num_samples)
+    count = plan["num_samples"]
 
     def draw(n: int, offset: int):
         return sample(model, schedule, (n, 1, SIDE, SIDE), t_start=plan["t_start"], calls=plan["model_calls"],
