@@ -254,4 +254,4 @@ def test_differences_list_the_common_entries_then_the_profiles():
     with pytest.raises(ValueError, match="table.differs must map"):
         rp.differences({"differs": ["image 64 px"]}, "standard")
     section = rp.differences(rp.table_spec("guided/backbone_scheduler"), "standard")
-    assert section[-1].startswith("SegNet at 64x64 (R2: 128x128)")
+    assert section[-1].startswith("SegNet at 32x32 (R2: 128x128")
