@@ -226,7 +226,7 @@ def train(*args, cwd):
 
 @pytest.mark.slow
 def test_dip_sweep_with_baselines_gets_classical_rows_without_changing_its_jobs(tmp_path):
-    done = train("-m", *TINY, "seed=0,1", "+baselines=fast", f"output_root={tmp_path}",
+    done = train("-m", *TINY, "seed=0,1", "threads=1", "+baselines=fast", f"output_root={tmp_path}",
                  "hydra.callbacks.classical_baselines.algorithms=[tv,nlm]", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     sweep = tmp_path / "sweeps" / "adhoc" / "smoke"

@@ -50,10 +50,10 @@ def test_bar_is_drawn_on_a_terminal_that_reports_no_size(tmp_path):
     assert (tmp_path / "tty" / "result.json").is_file()
 
 
-def test_no_bar_in_pipes_or_the_log_file(tmp_path):
-    process = _train_with_stderr_on(subprocess.PIPE, tmp_path / "pipe")
-    assert process.returncode == 0
-    log = (tmp_path / "pipe" / "train.log").read_text()
-    for text in (process.stderr.decode(), process.stdout.decode(), log):
+def test_no_bar_in_pipes_or_the_log_file(tiny_run):
+    """The session's tiny job (conftest.py) ran with stdout and stderr piped."""
+    process, run = tiny_run
+    log = (run / "train.log").read_text()
+    for text in (process.stderr, process.stdout, log):
         assert "%|" not in text and "it/s" not in text
     assert "done:" in log

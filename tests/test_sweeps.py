@@ -1,21 +1,39 @@
-"""Sweeps as a user runs them: job folders, resume, failures, launchers, the end table."""
+"""Sweeps as a user runs them: job folders, resume, failures, launchers, the end table.
+
+The failing-job and launcher sweeps run one after another in a background thread (the
+``background`` fixture) while the resume test runs its three sweeps: two processes at a time.
+"""
 
 import json
 import os
 import time
 
 import pytest
+from conftest import in_background
 
 from dipddpm.sweep import JobLock, check_group_choices, job_dirname, overrides_dict
 
 SWEEP = ["-m", "backbone=cnn", "backbone.depth=3", "data.size=16", "method.steps=3", "eval_every=1",
          "seed=0,1,2,3", "threads=1"]
+LAUNCHERS = ["joblib", "submitit_local"]
 
 
 def results(root):
     return {p.parent.name: p for p in root.rglob("result.json")}
 
 
+@pytest.fixture(scope="module")
+def background(tmp_path_factory):
+    """The failing-job sweep and one sweep per parallel launcher, started in a background thread:
+    {name: (future of the finished process, its output_root)}."""
+    tiny = ["-m", "backbone=cnn", "backbone.depth=3", "data.size=16", "method.steps=3"]
+    commands = {"failing": [*tiny, "threads=1", "data.sigma=0.1,1.5,0.2"]}
+    commands.update({launcher: [*tiny, "seed=0,1", f"launcher={launcher}"] for launcher in LAUNCHERS})
+    with in_background(commands, tmp_path_factory.mktemp("background")) as runs:
+        yield runs
+
+
+@pytest.mark.usefixtures("background")  # starts the background sweeps first
 def test_job_folders_are_named_by_overrides_and_rerun_skips_finished(train, tmp_path):
     """A rerun skips finished jobs and reruns deleted, interrupted and failed ones; force reruns all."""
     first = train(*SWEEP, f"output_root={tmp_path}")
@@ -51,29 +69,29 @@ def test_job_folders_are_named_by_overrides_and_rerun_skips_finished(train, tmp_
     assert all(p.stat().st_mtime_ns != stamps.get(n) for n, p in results(tmp_path).items())
 
 
-def test_a_failing_job_does_not_stop_the_sweep(train, tmp_path):
-    proc = train("-m", "backbone=cnn", "backbone.depth=3", "data.size=16", "method.steps=3", "threads=1",
-                 "data.sigma=0.1,1.5,0.2", f"output_root={tmp_path}")
-    assert proc.returncode == 1  # one failed job
-    statuses = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.rglob("result.json")}
+def test_a_failing_job_does_not_stop_the_sweep(background):
+    future, root = background["failing"]
+    proc = future.result()
+    assert proc.returncode == 1, proc.stderr[-3000:]  # one failed job
+    statuses = {p.parent.name: json.loads(p.read_text()) for p in root.rglob("result.json")}
     assert len(statuses) == 3
     bad = [r for r in statuses.values() if r["status"] == "failed"]
     assert len(bad) == 1 and "data.sigma=1.5" in bad[0]["error"]["message"]
     assert bad[0]["error"]["type"] == "ConfigError"
     assert sum(r["status"] == "ok" for r in statuses.values()) == 2
-    table = next(tmp_path.rglob("table.md")).read_text()
+    table = next(root.rglob("table.md")).read_text()
     assert "missing" in table and "Runs not ok: 1" in table
 
 
-@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
-def test_parallel_launchers_produce_all_results(train, tmp_path, launcher):
-    proc = train("-m", "backbone=cnn", "backbone.depth=3", "data.size=16", "method.steps=3",
-                 "seed=0,1", f"launcher={launcher}", f"output_root={tmp_path}", timeout=300)
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_parallel_launchers_produce_all_results(background, launcher):
+    future, root = background[launcher]
+    proc = future.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    found = results(tmp_path)
+    found = results(root)
     assert len(found) == 2
     assert all(json.loads(p.read_text())["status"] == "ok" for p in found.values())
-    assert next(tmp_path.rglob("table.md")).is_file()
+    assert next(root.rglob("table.md")).is_file()
 
 
 def test_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path):

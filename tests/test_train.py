@@ -1,36 +1,41 @@
 """The app end to end, as a user runs it: one job, its files, its errors (each bad input's
-message found in-process; one bad input per place the CLI stops run as a process)."""
+message found in-process; one bad input per place the CLI stops run as a process).
+
+The diverging run, the dry run and the bad-input processes run one after another in a
+background thread (the ``background`` fixture) while the tiny runs go on: two processes at a time.
+"""
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import composed, run_train
+from conftest import TINY_RUN, composed, in_background, run_dir_from
 
 from dipddpm.dip import DipSettings, Stage, fit_dip
 from dipddpm.errors import ConfigError, DivergedError
 from dipddpm.sweep import check_composition, check_group_choices
 from dipddpm.train import prepare_job
 
-TINY = ["backbone=skip_mnist", "data.size=32", "method.steps=12", "eval_every=4", "method.code_channels=4",
-        "threads=1"]
 
-
-def run_dir_from(output: str) -> Path:
-    line = [l for l in output.splitlines() if "results: " in l][-1]
-    return Path(line.split("results: ", 1)[1].strip())
+# one bad command line for each place cli stops: the group check, the composition, the job's validation
+BAD_INPUT_PROCESSES = [["backbone=nonsense"], ["data.sizee=3"], ["data.sigma=1.5"]]
+DRY_RUN = ["noise_plan=gradual", "epoch_plan=list", "epoch_plan.steps=[5,6,7]", "dry_run=true"]
+DIVERGING = ["backbone=cnn", "backbone.depth=3", "data.size=16", "method.steps=30", "eval_every=10", "optim.lr=1e30",
+             "method.input=noisy", "threads=1"]
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """One TINY job with seed 0 in a fresh process: (the finished process, its run folder)."""
-    proc = run_train(*TINY, f"output_root={tmp_path_factory.mktemp('tiny')}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc, run_dir_from(proc.stdout + proc.stderr)
+def background(tmp_path_factory):
+    """{name: (future of the finished process, its output_root)} for the dry run ("dry_run"), the
+    diverging run ("diverging") and BAD_INPUT_PROCESSES ("bad0", "bad1", ...)."""
+    commands = {"dry_run": DRY_RUN, "diverging": DIVERGING}
+    commands.update({f"bad{i}": args for i, args in enumerate(BAD_INPUT_PROCESSES)})
+    with in_background(commands, tmp_path_factory.mktemp("background")) as runs:
+        yield runs
 
 
+@pytest.mark.usefixtures("background")  # starts the background runs first
 def test_tiny_run_writes_every_file(tiny_run):
     _, run = tiny_run
     for name in ("result.json", "curve.csv", "clean.png", "noisy.png", "final.png", "best.png", "curves.png"):
@@ -53,7 +58,7 @@ def test_tiny_run_writes_every_file(tiny_run):
 
 def test_same_seed_gives_identical_metrics(tiny_run, train, tmp_path):
     """A second process repeats seed 0 (as the first job of a sweep) and runs seed 1."""
-    proc = train("-m", *TINY, "seed=0,1", f"output_root={tmp_path}")
+    proc = train("-m", *TINY_RUN, "seed=0,1", f"output_root={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     by_seed = {r["seed"]: r["metrics"] for r in (json.loads(p.read_text()) for p in tmp_path.rglob("result.json"))}
     first = json.loads((tiny_run[1] / "result.json").read_text())["metrics"]
@@ -91,14 +96,14 @@ def test_bad_input_names_the_key(args, key):
     assert error_line(*args).startswith(f"dipddpm-train: error: {key} is not allowed: ")
 
 
-# one bad command line for each place cli stops: the group check, the composition, the job's validation
-@pytest.mark.parametrize("args", [["backbone=nonsense"], ["data.sizee=3"], ["data.sigma=1.5"]])
-def test_bad_input_is_one_line_and_exit_status_2(train, tmp_path, args):
-    proc = train(*args, f"output_root={tmp_path}")
+@pytest.mark.parametrize("index", range(len(BAD_INPUT_PROCESSES)), ids=[a[0] for a in BAD_INPUT_PROCESSES])
+def test_bad_input_is_one_line_and_exit_status_2(background, index):
+    future, root = background[f"bad{index}"]
+    proc = future.result()
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.strip() and "Warning" not in l and "warn" not in l]
-    assert lines == [error_line(*args)], proc.stderr
-    assert not list(tmp_path.rglob("result.json"))
+    assert lines == [error_line(*BAD_INPUT_PROCESSES[index])], proc.stderr
+    assert not list(root.rglob("result.json"))
 
 
 def test_an_undecodable_image_file_is_a_config_error(tmp_path):
@@ -108,21 +113,22 @@ def test_an_undecodable_image_file_is_a_config_error(tmp_path):
         f"dipddpm-train: error: data.path='{fake}' is not allowed: a readable image file (OSError)"
 
 
-def test_dry_run_writes_plan_without_training(train, tmp_path):
-    proc = train("noise_plan=gradual", "epoch_plan=list", "epoch_plan.steps=[5,6,7]", "dry_run=true", f"output_root={tmp_path}")
+def test_dry_run_writes_plan_without_training(background):
+    future, root = background["dry_run"]
+    proc = future.result()
     assert proc.returncode == 0, proc.stderr
-    plans = list(tmp_path.rglob("plan.json"))
-    assert len(plans) == 1 and not list(tmp_path.rglob("result.json"))
+    plans = list(root.rglob("plan.json"))
+    assert len(plans) == 1 and not list(root.rglob("result.json"))
     plan = json.loads(plans[0].read_text())
     assert [s["steps"] for s in plan["stages"]] == [5, 6, 7]
     assert [s["sigma"] for s in plan["stages"]] == [0.1, 0.05, 0.025]
 
 
-def test_diverging_run_is_recorded_as_diverged(train, tmp_path):
-    proc = train("backbone=cnn", "backbone.depth=3", "data.size=16", "method.steps=30", "eval_every=10",
-                 "optim.lr=1e30", "method.input=noisy", "threads=1", f"output_root={tmp_path}")
-    assert proc.returncode == 1
-    result = json.loads(next(tmp_path.rglob("result.json")).read_text())
+def test_diverging_run_is_recorded_as_diverged(background):
+    future, root = background["diverging"]
+    proc = future.result()
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    result = json.loads(next(root.rglob("result.json")).read_text())
     assert result["status"] == "diverged"
     assert result["error"]["type"] == "DivergedError"
     assert "nan" not in json.dumps(result["metrics"]).lower()
