@@ -221,6 +221,19 @@ def wall_seconds(results) -> float:
     return total
 
 
+def elapsed_seconds(results) -> float | None:
+    """Seconds from the first job's start to the last job's finish (None: no dated job): the sweep's
+    wall-clock time when its jobs ran at once, plus any pause when it was interrupted and resumed."""
+    starts, finishes = [], []
+    for result in results:
+        try:
+            starts.append(_dt.datetime.fromisoformat(result["started"]))
+            finishes.append(_dt.datetime.fromisoformat(result["finished"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return (max(finishes) - min(starts)).total_seconds() if starts else None
+
+
 # ---------------------------------------------------------------- tables and the document
 
 
@@ -319,7 +332,9 @@ def _section(entry: ReportTable, profile: str, output_root: Path, doc_dir: Path,
         collapsed = statuses.count("collapsed")
         lines += [f"Jobs: {len(finished)} of {len(results)} finished ({collapsed} collapsed, "
                   f"{len(results) - len(finished)} failed or missing); wall time {wall_seconds(results.values()):.0f} s "
-                  "(the sum of the jobs' run times, result.json's `job_seconds`).", ""]
+                  "(the sum of the jobs' run times, result.json's `job_seconds`)"
+                  + (f"; {elapsed / 60:.1f} minutes from the first start to the last finish."
+                     if (elapsed := elapsed_seconds(finished)) is not None else "."), ""]
     if problem:
         lines += [problem, ""]
     frame = gather([folder]) if finished else None

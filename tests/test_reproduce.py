@@ -200,6 +200,7 @@ def test_regeneration_only_when_up_to_date_and_a_missing_job_launches(tmp_path, 
     assert "- Date: 2026-11-30" in text and "d > 2 s_p" in text
     section = text.split("## T1.1")[1].split("\n## ")[0]
     assert "Jobs: 13 of 13 finished (1 collapsed, 0 failed or missing); wall time 130 s" in section
+    assert "; 3.0 minutes from the first start to the last finish." in section   # 10:00:00 to 10:03:00
     assert "ours: 34 ± 0.5 (n=3) vs 22 ± 8.01 (n=4, 1 collapsed); report: 34.5017 vs 26.2294" in section
     assert "verdict: **inconclusive** — d = +12, 2 s_p = 12.43: |d| within 2 s_p" in section
     assert "honest rows (no clean image): 28 ± 1 (n=3) vs 28 ± 0.5 (n=3): **inconclusive**" in section
