@@ -15,6 +15,7 @@ import yaml
 
 from dipddpm.compare import build_table, gather
 from dipddpm.compare.claims import Side, judge, parse_claims, pooled_std, verdict
+from dipddpm.compare.claims import side as claim_side
 from dipddpm.errors import ConfigError
 from dipddpm import reproduce as rp
 
@@ -159,6 +160,13 @@ def test_claim_verdicts_on_fake_runs(tmp_path):
     assert judged.verdict.difference == pytest.approx(34.0 - 22.0)
     assert judged.verdict.kind == "inconclusive"          # 12 < 2 s_p = 12.43: the collapse costs the claim
     assert judged.honest[2].kind == "inconclusive"
+    # a baseline row carries the config of the job whose observation it denoised: never a claim's side
+    baseline = fake_job(tmp_path, "baseline=nlm,data=x", curriculum="r1_gradual", variant="report", seed=0, psnr=5.0)
+    result = json.loads((baseline / "result.json").read_text())
+    (baseline / "result.json").write_text(json.dumps(result | {"baseline": "nlm", "method": "classical"}))
+    again = judge(gather([tmp_path]), claim)
+    assert (again.better.n, again.verdict.difference) == (3, pytest.approx(12.0))
+    assert claim_side(gather([tmp_path]), {"baseline": "nlm"}, "psnr_final").n == 1
 
 
 # ---------------------------------------------------------------- reproduction folder

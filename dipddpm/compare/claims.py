@@ -136,10 +136,13 @@ def parse_claims(spec: dict, where: str = "table.claims") -> list[dict]:
 
 
 def side(frame: pd.DataFrame, selector: dict, metric: str) -> Side:
-    """The finished runs (ok, collapsed) whose fields all equal the selector's values (as text)."""
+    """The finished runs (ok, collapsed) whose fields all equal the selector's values (as text);
+    baseline rows only when the selector names ``baseline``."""
     if frame.empty:
         return Side(np.array([], dtype=float))
     chosen = frame["status"].isin(COUNTED_STATUSES).to_numpy(dtype=bool)
+    if "baseline" in frame.columns and "baseline" not in selector:     # a baseline row carries a job's config
+        chosen = chosen & frame["baseline"].fillna("").astype(str).eq("").to_numpy(dtype=bool)
     for name, wanted in selector.items():
         try:
             values = field_values(frame, name)
