@@ -86,6 +86,24 @@ def tables(pattern: str | None = None) -> list[ReportTable]:
     return listed + [ReportTable(name, name) for name in names if name not in known]
 
 
+def sweep_size(experiment: str) -> int | None:
+    """How many jobs the experiment's own sweep has (the product of its hydra.sweeper.params axes,
+    ``${seeds}`` from the experiment or train.yaml); None when an axis cannot be read."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    raw = yaml.load((config_dir() / "experiment" / f"{experiment}.yaml").read_text(), Loader=_YAML_LOADER) or {}
+    params = ((raw.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
+    seeds = raw.get("seeds", (yaml.load((config_dir() / "train.yaml").read_text(), Loader=_YAML_LOADER) or {}).get("seeds"))
+    parser, count = OverridesParser.create(), 1
+    try:
+        for key, value in params.items():
+            override = parser.parse_overrides([f"{key}={str(value).replace('${seeds}', str(seeds))}"])[0]
+            count *= len(list(override.sweep_string_iterator())) if override.is_sweep_override() else 1
+    except Exception:
+        return None
+    return count
+
+
 def experiment_dir(output_root: Path, profile: str, experiment: str) -> Path:
     """Where an experiment's sweep of a profile lives: <output root>/reproduction/<profile>/<experiment>."""
     return Path(output_root) / "reproduction" / profile / experiment
@@ -323,15 +341,20 @@ def _section(entry: ReportTable, profile: str, output_root: Path, doc_dir: Path,
     differs = differences(spec, profile)
     if differs:
         lines += ["What differs from the report:", "", *[f"- {text}" for text in differs], ""]
-    summary = {"jobs": f"{len(finished)} of {len(results)}" if results else "not yet run", "verdicts": []}
+    jobs = {name: r for name, r in results.items() if not (isinstance(r, dict) and r.get("baseline"))}
+    done = [r for r in jobs.values() if is_finished(r)]
+    total = max(sweep_size(entry.experiment) or len(jobs), len(jobs))
+    summary = {"jobs": f"{len(done)} of {total}" if results else "not yet run", "verdicts": []}
     if not finished:
         lines += ["**Not yet run.**" if not results else "**No job has finished yet.**", ""]
         lines += _report_lines(spec)
     else:
-        statuses = [r.get("status") for r in results.values() if isinstance(r, dict)]
-        collapsed = statuses.count("collapsed")
-        lines += [f"Jobs: {len(finished)} of {len(results)} finished ({collapsed} collapsed, "
-                  f"{len(results) - len(finished)} failed or missing); wall time {wall_seconds(results.values()):.0f} s "
+        collapsed = [r.get("status") for r in done].count("collapsed")
+        baseline_runs = len(finished) - len(done)
+        lines += [f"Jobs: {len(done)} of the sweep's {total} finished ({collapsed} collapsed, "
+                  f"{len(jobs) - len(done)} failed or stopped, {total - len(jobs)} not started)"
+                  + (f", and {baseline_runs} baseline runs" if baseline_runs else "")
+                  + f"; wall time {wall_seconds(results.values()):.0f} s "
                   "(the sum of the jobs' run times, result.json's `job_seconds`)"
                   + (f"; {elapsed / 60:.1f} minutes from the first start to the last finish."
                      if (elapsed := elapsed_seconds(finished)) is not None else "."), ""]

@@ -207,7 +207,8 @@ def test_regeneration_only_when_up_to_date_and_a_missing_job_launches(tmp_path, 
     assert "- Machine: " in text and "**These results ran without a GPU.**" in text
     assert "- Date: 2026-11-30" in text and "d > 2 s_p" in text
     section = text.split("## T1.1")[1].split("\n## ")[0]
-    assert "Jobs: 13 of 13 finished (1 collapsed, 0 failed or missing); wall time 130 s" in section
+    assert "Jobs: 13 of the sweep's 60 finished (1 collapsed, 0 failed or stopped, 47 not started); wall time 130 s" in section
+    assert "| T1.1 | `staged/traditional_vs_staged` | 13 of 60 |" in text   # 5 seeds x 2 curricula x 3 variants x 2 lr
     assert "; 3.0 minutes from the first start to the last finish." in section   # 10:00:00 to 10:03:00
     assert "ours: 34 ± 0.5 (n=3) vs 22 ± 8.01 (n=4, 1 collapsed); report: 34.5017 vs 26.2294" in section
     assert "verdict: **inconclusive** — d = +12, 2 s_p = 12.43: |d| within 2 s_p" in section
