@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from dipddpm.compare.gather import field_text, field_values
+from dipddpm.compare.gather import baseline_mask, field_text, field_values
 from dipddpm.errors import ConfigError
 
 CONFIRMED, REFUTED, INCONCLUSIVE, NO_RESULTS = "confirmed", "refuted", "inconclusive", "no results yet"
@@ -141,8 +141,8 @@ def side(frame: pd.DataFrame, selector: dict, metric: str) -> Side:
     if frame.empty:
         return Side(np.array([], dtype=float))
     chosen = frame["status"].isin(COUNTED_STATUSES).to_numpy(dtype=bool)
-    if "baseline" in frame.columns and "baseline" not in selector:     # a baseline row carries a job's config
-        chosen = chosen & frame["baseline"].fillna("").astype(str).eq("").to_numpy(dtype=bool)
+    if "baseline" not in selector:
+        chosen = chosen & ~baseline_mask(frame)
     for name, wanted in selector.items():
         try:
             values = field_values(frame, name)

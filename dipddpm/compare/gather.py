@@ -330,6 +330,14 @@ def metric_columns(frame: pd.DataFrame) -> list[str]:
 # ---------------------------------------------------------------- field values
 
 
+def baseline_mask(frame: pd.DataFrame) -> np.ndarray:
+    """True for runs that are baselines beside a sweep (result.json has `baseline`); such a run
+    carries the config of the job whose observation it denoised."""
+    if "baseline" not in frame.columns:
+        return np.zeros(len(frame), dtype=bool)
+    return frame["baseline"].map(lambda value: field_text(value) != "").to_numpy(dtype=bool)
+
+
 def field_text(value) -> str:
     """Canonical text of a field value, so 4, 4.0 and "4" compare equal; absent -> ""."""
     if isinstance(value, np.generic):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from dipddpm.compare.gather import field_text, field_values, metric_columns, value_sort_key
+from dipddpm.compare.gather import baseline_mask, field_text, field_values, metric_columns, value_sort_key
 from dipddpm.compare.keys import NO_VALUE, Labels
 from dipddpm.compare.render import markdown_table
 
@@ -116,13 +116,6 @@ def _is_data_field(name: str) -> bool:
     return name == "data" or name.startswith("data.")
 
 
-def _baseline_mask(frame: pd.DataFrame) -> np.ndarray:
-    """True for runs that are classical baselines beside a sweep (result.json has `baseline`)."""
-    if "baseline" not in frame.columns:
-        return np.zeros(len(frame), dtype=bool)
-    return frame["baseline"].map(lambda value: field_text(value) != "").to_numpy(dtype=bool)
-
-
 def _key_matches(run_key: tuple, key: tuple) -> bool:
     """A run's key against a table key; None in the run's key (a baseline's pivot field) matches any value."""
     return all(part is None or part == value for part, value in zip(run_key, key))
@@ -181,7 +174,7 @@ class _Layout:
     def __init__(self, frame: pd.DataFrame, spec: dict):
         self.frame = frame
         self.column_fields = [str(f) for f in spec.get("columns") or []]
-        self.baseline = _baseline_mask(frame)
+        self.baseline = baseline_mask(frame)
         regular = frame[~self.baseline] if (~self.baseline).any() else frame
         rows = spec.get("rows")
         self.row_fields = [str(f) for f in rows] if rows else auto_row_fields(regular, self.column_fields)
