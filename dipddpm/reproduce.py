@@ -222,6 +222,14 @@ def is_up_to_date(folder: Path, fingerprint: str, overrides: list[str]) -> bool:
                for name, expected in jobs.items())
 
 
+def _job_times(result) -> tuple[_dt.datetime, _dt.datetime] | None:
+    """A result's (started, finished) datetimes; None when either is absent or unreadable."""
+    try:
+        return _dt.datetime.fromisoformat(result["started"]), _dt.datetime.fromisoformat(result["finished"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def wall_seconds(results) -> float:
     """Sum over jobs of result.json's job_seconds (the method's run), else finished - started."""
     total = 0.0
@@ -230,26 +238,16 @@ def wall_seconds(results) -> float:
             continue
         if isinstance(result.get("job_seconds"), (int, float)):
             total += float(result["job_seconds"])
-            continue
-        try:
-            began = _dt.datetime.fromisoformat(result["started"])
-            total += (_dt.datetime.fromisoformat(result["finished"]) - began).total_seconds()
-        except (KeyError, TypeError, ValueError):
-            pass
+        elif (times := _job_times(result)) is not None:
+            total += (times[1] - times[0]).total_seconds()
     return total
 
 
 def elapsed_seconds(results) -> float | None:
     """Seconds from the first job's start to the last job's finish (None: no dated job): the sweep's
     wall-clock time when its jobs ran at once, plus any pause when it was interrupted and resumed."""
-    starts, finishes = [], []
-    for result in results:
-        try:
-            starts.append(_dt.datetime.fromisoformat(result["started"]))
-            finishes.append(_dt.datetime.fromisoformat(result["finished"]))
-        except (KeyError, TypeError, ValueError):
-            continue
-    return (max(finishes) - min(starts)).total_seconds() if starts else None
+    dated = [times for times in map(_job_times, results) if times is not None]
+    return (max(f for _, f in dated) - min(s for s, _ in dated)).total_seconds() if dated else None
 
 
 # ---------------------------------------------------------------- tables and the document
