@@ -4,8 +4,9 @@ PROFILE_CHANGES lists every config value each profile changes for each experimen
 experiment's own composition; faithful changes nothing), checked by hand against the profile
 files and presets. standard and quick scale nothing (step_scale, train_scale, sample_step_scale
 1, min_steps 1): they cap image sides (standard 64, quick 32; the skip nets' minimum is 64, R2's
-UNet keeps 128) and merge R5's presets (standard: 256 training images, base-16 eps-net, no grids
-during training; quick: 128 images, base 8, lr 2e-3). smoke (step_scale 0.005, max_size 32,
+UNet keeps 128, SegNet's preset caps it at 32) and merge presets: R3 scores 8 samples under
+standard, and R5 trains on 256 images with a base-16 eps-net and no grids during training under
+standard (quick: 128 images, base 8, lr 2e-3). smoke (step_scale 0.005, max_size 32,
 min_steps 2, train_scale 0.002, sample_step_scale 0.01): R1 1000 steps x 0.005 = 5; 200 x 0.005 = 1
 -> min_steps 2; R1 increasing [500, 1000, 1500] x 0.005 = [2.5, 5, 7.5] -> round half to even
 [2, 5, 8]; R2 softmax total 2000 x 0.005 = 10; R3 DIP 2000 steps -> 10, iterations 3000 -> 6, chain
@@ -65,10 +66,12 @@ PROFILE_CHANGES = {
     'staged/levels_200': {**R1, 'smoke': {'data.size': 32, 'epoch_plan.steps': 2}},
     'staged/levels_increasing': {**R1, 'smoke': {'data.size': 32, 'epoch_plan.steps': [2, 5, 8]}},
     'staged/traditional_vs_staged': {**R1, 'smoke': {'data.size': 32, 'epoch_plan.steps': 5}},
-    'truncated/dip_vs_clean': {'standard': {'method.num_samples': 8}, 'smoke': {'method.dip.steps': 10, 'method.train.iterations': 6,
-                                         'method.sample.t_start': 4}},
-    'truncated/schedule_length': {'standard': {'method.num_samples': 8}, 'smoke': {'method.dip.steps': 10, 'method.train.iterations': 6,
-                                            'method.sample.t_start': 4}},
+    'truncated/dip_vs_clean': {
+        'standard': {'method.num_samples': 8},
+        'smoke': {'method.dip.steps': 10, 'method.train.iterations': 6, 'method.sample.t_start': 4}},
+    'truncated/schedule_length': {
+        'standard': {'method.num_samples': 8},
+        'smoke': {'method.dip.steps': 10, 'method.train.iterations': 6, 'method.sample.t_start': 4}},
 }
 
 
