@@ -3,7 +3,9 @@
 A rule sees each stage of a run. ``PsnrPatience`` is report R1's rule and reads the
 PSNR against the clean image; ``WindowedVariance`` (Wang et al.) needs no clean image:
 it watches the variance of the last ``window`` outputs and keeps the output at the
-variance minimum.
+variance minimum. ``Discrepancy`` needs no clean image either: it stops once the returned
+image is as close to the observation as a factor of the noise variance (Morozov's
+discrepancy principle).
 
 The loop calls ``observe(step, raw, returned)`` every step with the network's raw
 output and the image the method would return at that step (clipped, EMA-averaged when
@@ -17,7 +19,7 @@ import torch
 
 from dipddpm.errors import require, require_choice
 
-RULES = ("none", "psnr_patience", "wmv")
+RULES = ("none", "psnr_patience", "wmv", "discrepancy")
 WATCHED = ("raw", "averaged")
 
 
@@ -30,6 +32,16 @@ def validate_early_stop(cfg) -> None:
         require(int(cfg.window) >= 2, "early_stop.window", cfg.window, "an integer >= 2")
         require(int(cfg.patience) >= 1, "early_stop.patience", cfg.patience, "an integer >= 1")
         require_choice("early_stop.watch", cfg.get("watch", "raw"), WATCHED)
+    if cfg.name == "discrepancy":
+        require(int(cfg.every) >= 1, "early_stop.every", cfg.every, "an integer >= 1")
+        require(_is_positive(cfg.factor), "early_stop.factor", cfg.factor, "a number > 0")
+        sigma = cfg.get("sigma")
+        require(sigma is None or _is_positive(sigma), "early_stop.sigma", sigma,
+                "null (the observation's data.sigma, estimated when that is 0) or a number > 0")
+
+
+def _is_positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 class NoStop:
@@ -175,9 +187,72 @@ class WindowedVariance(NoStop):
         return None if self.latest_var is None else float(self.latest_var)
 
 
-def build_early_stop(cfg, carry_best: bool = True):
-    """Instantiate the rule named by ``cfg.name``."""
+class Discrepancy(NoStop):
+    """No-reference rule from the noise level: stop at the first check step where the
+    returned image x_hat (clipped, EMA-averaged when EMA is on) satisfies
+
+        mean((x_hat - y)^2) <= factor * sigma^2        (discrepancy principle)
+
+    with y the observation (1, C, H, W) and sigma its noise standard deviation. A fit closer
+    to y than the noise allows has started to reproduce the noise; factor < 1 lets the fit
+    run a little past the noise level, where the measured PSNR peaks (docs/BASELINES.md).
+    The image at the stop is kept; a run that never gets there returns its last output.
+    """
+
+    def __init__(self, reference: torch.Tensor, sigma: float, factor: float, every: int):
+        self.reference, self.every = reference, int(every)
+        self.threshold = float(factor) * float(sigma) ** 2
+        self.start_stage(0)
+
+    def start_stage(self, index: int) -> None:
+        self.latest = self.kept = None
+        self.latest_mse = None
+
+    def observe(self, step: int, raw: torch.Tensor, returned: torch.Tensor | None = None) -> None:
+        self.latest = raw if returned is None else returned
+
+    def is_check_step(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def check(self, step: int, psnr: float | None = None) -> bool:
+        if self.latest is None:
+            return False
+        self.latest_mse = float(torch.mean((self.latest.detach().float() - self.reference) ** 2))
+        if self.latest_mse > self.threshold:
+            return False
+        self.kept = self.latest.detach().clone()
+        return True
+
+    def chosen_output(self):
+        return self.kept
+
+    def last_variance(self) -> float | None:
+        """The latest checked mean squared distance to the observation (the curve's nr_stat)."""
+        return self.latest_mse
+
+
+def noise_sigma(cfg, observation: torch.Tensor, data_sigma: float) -> float:
+    """The noise level the discrepancy rule uses: early_stop.sigma when set, else the
+    observation's ``data_sigma`` when > 0, else estimated from the observation alone
+    (skimage's wavelet estimate, averaged over channels)."""
+    if cfg.get("sigma") is not None:
+        return float(cfg.sigma)
+    if data_sigma > 0:
+        return float(data_sigma)
+    from skimage.restoration import estimate_sigma
+
+    image = observation[0].permute(1, 2, 0).cpu().numpy()
+    return float(estimate_sigma(image, channel_axis=-1, average_sigmas=True))
+
+
+def build_early_stop(cfg, carry_best: bool = True, observation: torch.Tensor | None = None, data_sigma: float = 0.0):
+    """Instantiate the rule named by ``cfg.name``. The discrepancy rule needs the
+    ``observation`` (1, C, H, W) in [0, 1] and its noise level ``data_sigma`` (0: unknown)."""
     validate_early_stop(cfg)
+    if cfg.name == "discrepancy":
+        if observation is None:
+            raise ValueError("the discrepancy rule needs the observation")
+        return Discrepancy(observation.float(), noise_sigma(cfg, observation, data_sigma), cfg.factor, cfg.every)
     if cfg.name == "psnr_patience":
         return PsnrPatience(cfg.every, cfg.patience, cfg.min_delta, cfg.reset_on_improve, carry_best)
     if cfg.name == "wmv":

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from dipddpm.dip import DipSettings, Stage, fit_dip
-from dipddpm.early_stop import NoStop, WindowedVariance
+from dipddpm.early_stop import Discrepancy, NoStop, WindowedVariance
 from dipddpm.methods import dip as dip_method
 from dipddpm.metrics import ssim
 from dipddpm.models import build_backbone
@@ -106,6 +106,24 @@ def test_final_from_stopped_is_the_wmv_choice_in_the_loop():
     assert psnr_by_hand(clean, result.final) != pytest.approx(result.curve[-1]["psnr"], abs=1e-6)
 
 
+def test_the_discrepancy_rule_stops_the_loop_where_the_fit_reaches_the_noise_level():
+    generator = torch.Generator().manual_seed(4)
+    clean = torch.rand((1, 3, 16, 16), generator=generator)
+    noisy = (clean + 0.1 * torch.randn(clean.shape, generator=generator)).clamp(0, 1)
+    torch.manual_seed(1)   # (seed 0 collapses at lr 0.01: a dead net never gets near the observation)
+    net = build_backbone(OmegaConf.create({"name": "cnn", "depth": 3}), 3, 3)
+    settings = DipSettings(lr=0.003, ema=0.9, eval_every=1, final_from="stopped", keep_cpu_memory=False)
+    rule = Discrepancy(noisy, sigma=0.1, factor=1.0, every=3)
+    result = fit_dip(net, [Stage(0, 400, noisy, noisy)], settings, rule, clean=clean)
+    # the curve's psnr_noisy is the returned image against the observation: 10 log10(1 / mse)
+    mse = {row["step"]: 10 ** (-row["psnr_noisy"] / 10) for row in result.curve}
+    expected = min(step for step, value in mse.items() if step % 3 == 0 and value <= 0.01)
+    assert result.steps_run == expected + 1 < 400
+    assert mse[expected - 3] > 0.01
+    assert torch.equal(result.final, result.stopped)
+    assert psnr_by_hand(noisy, result.final) == pytest.approx(result.curve[-1]["psnr_noisy"], abs=1e-5)
+
+
 # --- replica_output: mean ------------------------------------------------------------------------
 
 def test_replica_output_mean_scores_the_mean_of_the_replicas_images(tmp_path, replica_results):
@@ -165,8 +183,9 @@ def test_dip_best_returns_one_image_without_the_clean_image_on_a_grey_image(tmp_
     cfg = composed(*TINY, "method=dip_best")
     assert (cfg.method.final_from, cfg.method.replica_output, cfg.method.replicas) == ("stopped", "mean", 3)
     assert dip_method.clean_image_uses(cfg) == []
-    done = train(*TINY, "method=dip_best", "data.grayscale=true", "method.steps=30", "early_stop.window=4",
-                 "early_stop.patience=6", f"output_root={tmp_path}", "threads=1")
+    assert (cfg.early_stop.name, cfg.early_stop.factor, cfg.early_stop.sigma) == ("discrepancy", 0.94, None)
+    done = train(*TINY, "method=dip_best", "data.grayscale=true", "method.steps=30", "early_stop.every=2",
+                 f"output_root={tmp_path}", "threads=1")
     assert done.returncode == 0, done.stderr[-2000:]
     result_path, = tmp_path.rglob("result.json")
     result = json.loads(result_path.read_text())
@@ -177,7 +196,7 @@ def test_dip_best_returns_one_image_without_the_clean_image_on_a_grey_image(tmp_
     final = png_levels(run_dir / "final.png")
     assert final.shape == (16, 16), "one grey image"
     stopped = np.mean([png_levels(run_dir / f"replica_{k}" / "stopped.png") for k in range(3)], axis=0)
-    assert np.abs(final - stopped).max() <= 1, "final.png is the mean of the replicas' WMV choices"
+    assert np.abs(final - stopped).max() <= 1, "final.png is the mean of the replicas' stopped images"
     assert [item["psnr_final"] for item in metrics["items"]] == [item["psnr_stop"] for item in metrics["items"]]
     # psnr_final is the PSNR of final.png (up to its 8-bit rounding), not the replicas' mean PSNR
     clean = png_levels(run_dir / "clean.png") / 255.0

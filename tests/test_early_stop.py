@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dipddpm.early_stop import PsnrPatience, WindowedVariance, build_early_stop
+from dipddpm.early_stop import Discrepancy, PsnrPatience, WindowedVariance, build_early_stop, noise_sigma, validate_early_stop
 from dipddpm.errors import ConfigError
 
 
@@ -103,3 +103,52 @@ def test_build_early_stop_validates():
         build_early_stop(OmegaConf.create({"name": "sometimes"}))
     with pytest.raises(ConfigError, match="early_stop.window"):
         build_early_stop(OmegaConf.create({"name": "wmv", "window": 1, "patience": 5}))
+
+
+# --- discrepancy: stop once the returned image is within factor * sigma^2 of the observation -----
+
+def test_discrepancy_stops_at_the_first_check_within_the_noise_level():
+    reference = torch.zeros(1, 1, 4, 4)
+    rule = Discrepancy(reference, sigma=0.1, factor=0.9, every=5)   # threshold 0.009
+    # a returned image at a constant offset c from the observation has mean squared distance c^2
+    offsets = {step: 0.2 - 0.002 * step for step in range(60)}       # c^2 <= 0.009 from step 53 on
+    stopped_at = None
+    for step, offset in offsets.items():
+        rule.observe(step, torch.full((1, 1, 4, 4), 5.0), torch.full((1, 1, 4, 4), offset))
+        if rule.is_check_step(step) and rule.check(step):
+            stopped_at = step
+            break
+    first_within = min(s for s, c in offsets.items() if c * c <= 0.009)
+    assert first_within == 53 and stopped_at == 55, "only every 5th step is checked"
+    assert torch.equal(rule.chosen_output(), torch.full((1, 1, 4, 4), offsets[55]))
+    assert rule.last_variance() == pytest.approx(offsets[55] ** 2)
+
+
+def test_discrepancy_keeps_nothing_when_the_fit_never_gets_that_close():
+    rule = Discrepancy(torch.zeros(1, 1, 2, 2), sigma=0.1, factor=0.5, every=1)
+    for step in range(10):
+        rule.observe(step, torch.ones(1, 1, 2, 2), torch.full((1, 1, 2, 2), 0.5))
+        assert not rule.check(step)
+    assert rule.chosen_output() is None
+
+
+def test_discrepancy_sigma_is_the_config_then_the_observation_then_an_estimate():
+    generator = torch.Generator().manual_seed(0)
+    flat = torch.full((1, 3, 64, 64), 0.5)
+    observation = flat + 0.1 * torch.randn(flat.shape, generator=generator)
+    rule_cfg = OmegaConf.create({"name": "discrepancy", "every": 1, "factor": 1.0, "sigma": None})
+    assert noise_sigma(rule_cfg, observation, 0.2) == 0.2
+    assert noise_sigma(OmegaConf.merge(rule_cfg, {"sigma": 0.05}), observation, 0.2) == 0.05
+    # unknown noise level (data.sigma 0): the wavelet estimate of a flat image plus N(0, 0.1^2)
+    assert noise_sigma(rule_cfg, observation, 0.0) == pytest.approx(0.1, rel=0.05)
+    rule = build_early_stop(rule_cfg, observation=observation, data_sigma=0.2)
+    assert rule.threshold == pytest.approx(0.04)
+
+
+def test_discrepancy_is_validated():
+    base = {"name": "discrepancy", "every": 10, "factor": 0.94, "sigma": None}
+    for key, value in (("factor", 0), ("factor", "big"), ("every", 0), ("sigma", -0.1)):
+        with pytest.raises(ConfigError, match=f"early_stop.{key}"):
+            validate_early_stop(OmegaConf.create({**base, key: value}))
+    with pytest.raises(ValueError, match="observation"):
+        build_early_stop(OmegaConf.create(base))

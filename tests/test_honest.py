@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -117,6 +118,22 @@ def test_r1_honest_rows_use_no_clean_image(name):
     assert plan[-1].sigma == cfg.data.sigma and all(stage.sigma >= cfg.data.sigma for stage in plan)
     classic = composed(f"experiment=staged/{name}", "variant=classic")
     assert dip.clean_image_uses(classic) == ["stage images synthesised from it"]
+
+
+def test_r1_honest_rows_feed_the_stage_image_in_and_fit_the_observation():
+    """R1's network sees each stage's noisy image; the honest row keeps that input and trains
+    towards the observation, the only image a user has (a random code into R1's plain CNN
+    cannot represent an image: 11-12 dB measured at T1.6's size)."""
+    cfg = composed("experiment=staged/levels_200", "variant=honest", "noise_plan=gradual")
+    clean, observed = _observation(0.1, side=8)
+    plan = dip.stage_plan(cfg)
+    images = stage_images(plan, clean, observed, cfg.noise_plan, None, torch.Generator().manual_seed(0),
+                          observation_sigma=0.1)
+    ctx = SimpleNamespace(seed=0, device="cpu", generator=lambda: torch.Generator().manual_seed(0))
+    _, stages, _, _ = dip._prepare(cfg, ctx, plan, images, torch.rand(clean.shape), observed)
+    assert [s.net_input is image for s, image in zip(stages, images)] == [True] * 3
+    assert all(s.target is observed for s in stages)
+    assert not torch.equal(stages[0].net_input, observed) and torch.equal(stages[-1].net_input, observed)
 
 
 @pytest.mark.parametrize("curriculum", ["r2_dip", "r2_guided_linear_honest", "r2_guided_cosine_honest"])

@@ -58,7 +58,7 @@ def stage_plan(cfg):
 def validate(cfg) -> None:
     m = cfg.method
     require_choice("method.input", m.input, ("code", "noisy"))
-    require_choice("method.target", m.target, ("noisy", "clean"))
+    require_choice("method.target", m.target, ("noisy", "clean", "observation"))
     require_choice("method.code_kind", m.code_kind, ("uniform", "gaussian"))
     require_choice("method.psnr_metric", m.psnr_metric, ("float", "uint8"))
     require_choice("method.uint8_quantise", m.get("uint8_quantise", "round"), QUANTISERS)
@@ -170,7 +170,7 @@ def _settings(cfg, ctx) -> DipSettings:
     )
 
 
-def _prepare(cfg, ctx, plan, images, clean):
+def _prepare(cfg, ctx, plan, images, clean, observed):
     """Network, stages, early-stopping rule and jitter generator of one run (seed ctx.seed).
 
     The order of random draws is the run's contract: the generator (seeded from ctx.seed)
@@ -190,10 +190,11 @@ def _prepare(cfg, ctx, plan, images, clean):
         stages.append(Stage(
             index=plan_stage.index, steps=plan_stage.steps,
             net_input=code if m.input == "code" else image,
-            target=clean if m.target == "clean" else image,
+            target={"clean": clean, "observation": observed}.get(m.target, image),
             info=plan_stage.as_dict(),
         ))
-    early_stop = build_early_stop(cfg.early_stop, carry_best=bool(m.carry_best_across_stages))
+    early_stop = build_early_stop(cfg.early_stop, carry_best=bool(m.carry_best_across_stages),
+                                  observation=observed, data_sigma=float(cfg.data.sigma))
     return net, stages, early_stop, generator
 
 
@@ -278,7 +279,7 @@ def run(ctx) -> dict:
     out = ctx.run_dir
     count = int(m.get("replicas", 1))
     if count == 1:
-        net, stages, early_stop, generator = _prepare(cfg, ctx, plan, images, clean)
+        net, stages, early_stop, generator = _prepare(cfg, ctx, plan, images, clean, observed)
         result = fit_dip(net, stages, settings, early_stop=early_stop, clean=clean, generator=generator)
         metrics, outputs = _metrics(cfg, obs, clean, result, early_stop)
         save_image_atomic(out / "clean.png", obs.clean)
@@ -290,7 +291,7 @@ def run(ctx) -> dict:
     prepared = []
     for seed in seeds:
         seed_everything(seed)
-        prepared.append(_prepare(cfg, dataclasses.replace(ctx, seed=seed), plan, images, clean))
+        prepared.append(_prepare(cfg, dataclasses.replace(ctx, seed=seed), plan, images, clean, observed))
     nets, stage_lists, early_stops, generators = (list(column) for column in zip(*prepared))
     results = fit_dip_replicas(nets, stage_lists, settings, early_stops, clean=clean, generators=generators,
                                mode=str(m.get("replica_mode", "auto")))
