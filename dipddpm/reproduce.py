@@ -243,11 +243,30 @@ def wall_seconds(results) -> float:
     return total
 
 
-def elapsed_seconds(results) -> float | None:
-    """Seconds from the first job's start to the last job's finish (None: no dated job): the sweep's
-    wall-clock time when its jobs ran at once, plus any pause when it was interrupted and resumed."""
-    dated = [times for times in map(_job_times, results) if times is not None]
-    return (max(f for _, f in dated) - min(s for s, _ in dated)).total_seconds() if dated else None
+RESUME_GAP_SECONDS = 60.0
+
+
+def elapsed_seconds(results) -> tuple[float, int] | None:
+    """(seconds, runs): the wall-clock time during which the sweep's jobs ran, as the union of
+    their [started, finished] intervals, and how many separate runs that union falls into (a gap
+    of over RESUME_GAP_SECONDS between one job's finish and every later start splits runs, so the
+    pause of an interrupted and resumed sweep does not count). None: no dated job."""
+    dated = sorted(times for times in map(_job_times, results) if times is not None)
+    if not dated:
+        return None
+    total, runs = 0.0, 1
+    begin, end = dated[0]
+    for start, finish in dated[1:]:
+        if (start - end).total_seconds() > RESUME_GAP_SECONDS:
+            total += (end - begin).total_seconds()
+            begin, runs = start, runs + 1
+        end = max(end, finish)
+    return total + (end - begin).total_seconds(), runs
+
+
+def _elapsed_text(seconds: float, runs: int) -> str:
+    where = "in one run" if runs == 1 else f"over {runs} runs (the pauses between them not counted)"
+    return f"; {seconds / 60:.1f} minutes of elapsed time {where}."
 
 
 # ---------------------------------------------------------------- tables and the document
@@ -354,8 +373,7 @@ def _section(entry: ReportTable, profile: str, output_root: Path, doc_dir: Path,
                   + (f", and {baseline_runs} baseline runs" if baseline_runs else "")
                   + f"; wall time {wall_seconds(results.values()):.0f} s "
                   "(the sum of the jobs' run times, result.json's `job_seconds`)"
-                  + (f"; {elapsed / 60:.1f} minutes from the first start to the last finish."
-                     if (elapsed := elapsed_seconds(finished)) is not None else "."), ""]
+                  + (_elapsed_text(*elapsed) if (elapsed := elapsed_seconds(finished)) is not None else "."), ""]
     if problem:
         lines += [problem, ""]
     frame = gather([folder]) if finished else None

@@ -29,6 +29,17 @@ def side(*values, collapsed=0):
 # ---------------------------------------------------------------- verdicts
 
 
+def test_elapsed_time_is_the_union_of_job_intervals_and_counts_resumed_runs():
+    def job(start, finish):
+        return {"started": f"2026-11-30T{start}", "finished": f"2026-11-30T{finish}"}
+    # two jobs at once (10:00-10:05, 10:01-10:04), one right after (10:05:30-10:06), then a resumed
+    # run two hours later (12:00-12:10); an undated result is left out
+    results = [job("10:00:00", "10:05:00"), job("10:01:00", "10:04:00"), job("10:05:30", "10:06:00"),
+               job("12:00:00", "12:10:00"), {"status": "ok"}]
+    assert rp.elapsed_seconds(results) == (6 * 60 + 10 * 60, 2)
+    assert rp.elapsed_seconds([{"status": "ok"}]) is None
+
+
 def test_verdict_against_hand_computed_cases():
     # means 31 and 26, both std 1 (n=3): s_p = 1, d = +5 > 2 -> confirmed
     confirmed = verdict(side(30, 31, 32), side(25, 26, 27), higher_is_better=True)
@@ -209,7 +220,7 @@ def test_regeneration_only_when_up_to_date_and_a_missing_job_launches(tmp_path, 
     section = text.split("## T1.1")[1].split("\n## ")[0]
     assert "Jobs: 13 of the sweep's 60 finished (1 collapsed, 0 failed or stopped, 47 not started); wall time 130 s" in section
     assert "| T1.1 | `staged/traditional_vs_staged` | 13 of 60 |" in text   # 5 seeds x 2 curricula x 3 variants x 2 lr
-    assert "; 3.0 minutes from the first start to the last finish." in section   # 10:00:00 to 10:03:00
+    assert "; 3.0 minutes of elapsed time in one run." in section   # 10:00:00 to 10:03:00
     assert "ours: 34 ± 0.5 (n=3) vs 22 ± 8.01 (n=4, 1 collapsed); report: 34.5017 vs 26.2294" in section
     assert "verdict: **inconclusive** — d = +12, 2 s_p = 12.43: |d| within 2 s_p" in section
     assert "honest rows (no clean image): 28 ± 1 (n=3) vs 28 ± 0.5 (n=3): **inconclusive**" in section
