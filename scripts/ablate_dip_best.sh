@@ -20,19 +20,18 @@ OUT=${OUT:-outputs/ablation}
 SIGMA=0.09803921568627451   # 25/255
 
 # name | overrides (each ablation changes one part of dip_best, or is a reference point). The ladder
-# dip -> ema_only -> no_replicas -> dip_best adds one part at a time: output EMA, WMV choosing the
-# returned image, then the mean of 3 replicas.
+# dip -> stop_only -> dip_best adds one part at a time: the discrepancy stop choosing the returned
+# image, then the mean of 3 replicas; no_stop is dip_best without the stop (3 replicas averaged at
+# the last step) and wmv the earlier recipe (ES-WMV choosing each replica's image).
 ABLATIONS=(
   "dip|method=dip"
-  "ema_only|method=dip_best method.replicas=1 early_stop=none"
+  "stop_only|method=dip_best method.replicas=1"
   "dip_best|method=dip_best"
-  "no_replicas|method=dip_best method.replicas=1"
+  "no_stop|method=dip_best early_stop=none"
+  "wmv|method=dip_best early_stop=wmv"
   "no_ema|method=dip_best method.ema=0"
-  "no_wmv|method=dip_best early_stop=none"
-  "wmv_averaged|method=dip_best early_stop.watch=averaged"
   "noisy_input|method=dip_best method.input=noisy"
   "curriculum|method=dip_best noise_plan=levels noise_plan.stage_source=observation +noise_plan.observation_factors=[2,1.5,1] epoch_plan=list epoch_plan.steps=[300,300,400]"
-  "steps_2000|method=dip_best method.replicas=1 method.steps=2000"
 )
 
 mkdir -p "$OUT"
