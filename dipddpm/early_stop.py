@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from dipddpm.errors import require, require_choice
+from dipddpm.errors import is_number, require, require_choice
 
 RULES = ("none", "psnr_patience", "wmv", "discrepancy")
 WATCHED = ("raw", "averaged")
@@ -34,14 +34,10 @@ def validate_early_stop(cfg) -> None:
         require_choice("early_stop.watch", cfg.get("watch", "raw"), WATCHED)
     if cfg.name == "discrepancy":
         require(int(cfg.every) >= 1, "early_stop.every", cfg.every, "an integer >= 1")
-        require(_is_positive(cfg.factor), "early_stop.factor", cfg.factor, "a number > 0")
+        require(is_number(cfg.factor) and cfg.factor > 0, "early_stop.factor", cfg.factor, "a number > 0")
         sigma = cfg.get("sigma")
-        require(sigma is None or _is_positive(sigma), "early_stop.sigma", sigma,
+        require(sigma is None or (is_number(sigma) and sigma > 0), "early_stop.sigma", sigma,
                 "null (the observation's data.sigma, estimated when that is 0) or a number > 0")
-
-
-def _is_positive(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 class NoStop:

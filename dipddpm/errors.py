@@ -19,6 +19,11 @@ class DivergedError(RuntimeError):
         super().__init__(f"loss became {loss} at step {step}")
 
 
+def is_number(value) -> bool:
+    """A Python int or float that is not a bool (YAML's true would otherwise pass as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def require(condition: bool, key: str, value: object, allowed: str) -> None:
     """Raise ConfigError(key, value, allowed) unless condition holds."""
     if not condition:

@@ -54,17 +54,13 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from dipddpm.errors import require
+from dipddpm.errors import is_number, require
 
 MERGED_GROUPS = ("data", "backbone", "eps_net", "method")
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def scaled_steps(steps: int, step_scale: float, min_steps: int) -> int:
@@ -138,7 +134,7 @@ def _is_count(value, minimum: int = 1) -> bool:
 
 
 def _is_positive(value) -> bool:
-    return _is_number(value) and value > 0
+    return is_number(value) and value > 0
 
 
 def _chain_scale(profile: dict) -> float:
@@ -222,7 +218,7 @@ def apply_profile(cfg: DictConfig) -> DictConfig:
     plain = OmegaConf.to_container(cfg, resolve=True)
     profile = plain["profile"]
     step_scale, min_steps = profile.get("step_scale", 1.0), profile.get("min_steps", 1)
-    require(_is_number(step_scale) and step_scale > 0, "profile.step_scale", step_scale, "a number > 0")
+    require(is_number(step_scale) and step_scale > 0, "profile.step_scale", step_scale, "a number > 0")
     require(_is_int(min_steps) and min_steps >= 1, "profile.min_steps", min_steps, "an integer >= 1")
     for key in MERGED_GROUPS:
         if isinstance(plain.get(key), dict):
@@ -236,8 +232,8 @@ def apply_profile(cfg: DictConfig) -> DictConfig:
     method = plain.get("method")
     if isinstance(method, dict) and method.get("name") in _DIFFUSION:
         train_scale, chain_scale = profile.get("train_scale", 1.0), profile.get("sample_step_scale")
-        require(_is_number(train_scale) and train_scale > 0, "profile.train_scale", train_scale, "a number > 0")
-        require(chain_scale is None or (_is_number(chain_scale) and chain_scale > 0), "profile.sample_step_scale",
+        require(is_number(train_scale) and train_scale > 0, "profile.train_scale", train_scale, "a number > 0")
+        require(chain_scale is None or (is_number(chain_scale) and chain_scale > 0), "profile.sample_step_scale",
                 chain_scale, "null or a number > 0")
         scales = {"step_scale": float(step_scale), "min_steps": int(min_steps), "train_scale": float(train_scale),
                   "sample_step_scale": chain_scale}

@@ -21,7 +21,7 @@ SIGMA=0.09803921568627451   # 25/255
 
 # name | overrides (each ablation changes one part of dip_best, or is a reference point). The ladder
 # dip -> stop_only -> dip_best adds one part at a time: the discrepancy stop choosing the returned
-# image, then the mean of 3 replicas; no_stop is dip_best without the stop (3 replicas averaged at
+# image, then the mean of 2 replicas; no_stop is dip_best without the stop (2 replicas averaged at
 # the last step) and wmv the earlier recipe (ES-WMV choosing each replica's image).
 ABLATIONS=(
   "dip|method=dip"
