@@ -39,7 +39,7 @@ NARROWED = {
     "staged/levels_1000": ["noise_plan=gradual", "optim.lr=0.005"],
     "staged/levels_200": ["noise_plan=fast,slow", "optim.lr=0.005"],
     "staged/levels_increasing": ["noise_plan=slow_075", "optim.lr=0.005"],
-    "staged/traditional_vs_staged": ["optim.lr=0.005"],
+    "staged/traditional_vs_staged": ["optim.lr=0.001"],   # at 0.005 the honest gradual smoke run collapses (R1's lottery)
 }
 R2_COSINE = [49, 54, 58, 63, 68, 73, 79, 84, 89, 94, 100, 106, 112, 118, 124, 130, 137, 144, 151, 167]
 R2_LINEAR = [25, 28, 32, 36, 40, 46, 52, 58, 66, 74, 84, 95, 107, 120, 136, 154, 174, 196, 220, 257]
