@@ -145,6 +145,40 @@ def test_baseline_deltas_paired_and_unpaired(sweeps, tmp_path, capsys):
     assert "(unpaired)" in next(r for r in printed.splitlines() if r.startswith("| head |"))
 
 
+def test_deltas_pair_runs_by_seed_and_image(tmp_path, capsys):
+    """A row holding two images x two seeds pairs with the baseline's runs of the same image and
+    seed: four differences, their mean and std, not the difference of the means."""
+    psnr = {("bird", "nlm", 0): 26.0, ("bird", "nlm", 1): 26.5, ("head", "nlm", 0): 29.0, ("head", "nlm", 1): 29.5,
+            ("bird", "wavelet", 0): 26.25, ("bird", "wavelet", 1): 27.5,
+            ("head", "wavelet", 0): 28.0, ("head", "wavelet", 1): 29.75}
+    for (image, column, seed), value in psnr.items():
+        write_run(tmp_path / "runs" / f"{image}_{column}_s{seed}", image, column, seed, value)
+    code, printed, _ = run_cli(capsys, tmp_path / "runs", "--rows", "cfg.method.algorithm", "--values", "psnr_final",
+                               "--baseline", "method.algorithm=nlm", "--out", tmp_path / "o")
+    assert code == 0
+    diffs = [psnr[(i, "wavelet", s)] - psnr[(i, "nlm", s)] for i in ("bird", "head") for s in (0, 1)]
+    assert diffs == [0.25, 1.0, -1.0, 0.25]
+    row = next(r for r in printed.splitlines() if r.startswith("| wavelet |")).split(" | ")
+    assert row[2] == f"{statistics.mean(diffs):+.4g} ± {statistics.stdev(diffs):.4g}"
+
+
+def test_uses_clean_image_as_a_value_reads_yes_no_mixed(tmp_path, capsys):
+    """uses_clean_image among --values: each cell says no / yes / mixed, never "0 ± 0"."""
+    flags = {("bird", "nlm", 0): False, ("bird", "nlm", 1): False,
+             ("bird", "tv", 0): True, ("bird", "tv", 1): True,
+             ("bird", "wavelet", 0): True, ("bird", "wavelet", 1): False}
+    for (image, column, seed), flag in flags.items():
+        job = tmp_path / "runs" / f"{image}_{column}_s{seed}"
+        write_run(job, image, column, seed, 25.0)
+        result = json.loads((job / "result.json").read_text())
+        (job / "result.json").write_text(json.dumps(result | {"uses_clean_image": flag}))
+    code, printed, _ = run_cli(capsys, tmp_path / "runs", "--rows", "data.path", "--cols", "method.algorithm",
+                               "--values", "uses_clean_image", "--out", tmp_path / "o")
+    assert code == 0
+    row = next(r for r in printed.splitlines() if r.startswith("| bird |"))
+    assert row.split(" | ")[1:4] == ["no", "yes", "mixed"]
+
+
 def test_baseline_on_rows_adds_a_delta_column(sweeps, tmp_path, capsys):
     code, printed, _ = run_cli(capsys, *sweeps, "--rows", "cfg.method.algorithm", "--values", "ssim_final",
                                "--where", "method=classical", "--where", "data.path=bird",

@@ -46,8 +46,12 @@ def resolve_field(frame: pd.DataFrame, key: str, option: str) -> str:
     return name
 
 
+# a run's flag that a table may show as a value column (no / yes / mixed per cell)
+FLAG_VALUES = ("uses_clean_image",)
+
+
 def resolve_metric(frame: pd.DataFrame, key: str, option: str) -> str:
-    metrics = metric_columns(frame)
+    metrics = metric_columns(frame) + [flag for flag in FLAG_VALUES if flag in frame.columns]
     if key not in metrics:
         raise _unknown(option, key, metrics)
     return key

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from dipddpm.compare.gather import baseline_mask, field_text, field_values, metric_columns, value_sort_key
-from dipddpm.compare.keys import NO_VALUE, Labels
+from dipddpm.compare.keys import FLAG_VALUES, NO_VALUE, Labels
 from dipddpm.compare.render import markdown_table
 
 BASELINE_LABEL = "{kind}: {name}"   # kind: classical for method=classical, zero-shot for the learned ones
@@ -82,6 +82,13 @@ def _clean_image_text(flags) -> str:
     if not present:
         return ""
     return "mixed" if len(present) > 1 else ("yes" if present == {"true"} else "no")
+
+
+def _flag_text(share: float, count: int) -> str:
+    """The mean of a 0/1 flag over a cell's runs -> no | yes | mixed."""
+    if count == 0 or not math.isfinite(share):
+        return MISSING_CELL
+    return "no" if share == 0 else ("yes" if share == 1 else "mixed")
 
 
 def _format_report(value) -> str:
@@ -201,7 +208,7 @@ class _Layout:
         self.any_collapsed = bool(self.is_collapsed.any())
         self.clean_flags = (frame["uses_clean_image"].map(field_text).to_numpy(dtype=object)
                             if "uses_clean_image" in frame.columns and "uses_clean_image" not in self.values else None)
-        self.seeds = frame["seed"].map(field_text).to_numpy(dtype=object)
+        self.pair_keys = _pair_keys(frame)
         self.run_notes = frame["note"].to_numpy(dtype=object) if "note" in frame.columns else None
         self.numbers = {
             name: pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=float)
@@ -312,7 +319,12 @@ class _Layout:
         numeric[f"{name}_report"] = report_value if _as_number(report_value) is None else float(report_value)
         header = self.header(col_key, name)
         fmt = str(self.formats.get(name, DEFAULT_FORMAT))
-        row.display[header] = empty if empty is not None and count == 0 else _format_ours(mean, std, count, fmt)
+        if empty is not None and count == 0:
+            row.display[header] = empty
+        elif name in FLAG_VALUES:  # a flag as a value column: the share of runs that have it
+            row.display[header] = _flag_text(mean, count)
+        else:
+            row.display[header] = _format_ours(mean, std, count, fmt)
         row.display[header + " (report)"] = _format_report(report_value)
         if report_value is not None:
             self.reported.add((col_key, name))
@@ -388,24 +400,40 @@ def _mean_row(layout: _Layout, row_key: tuple, totals: dict, row_means: dict) ->
 # ---------------------------------------------------------------- deltas
 
 
-def _by_seed(layout: _Layout, name: str, mask: np.ndarray) -> dict | None:
-    """{seed: value} of the cell's ok runs with a finite value; None when a seed is absent or repeats."""
+# the fields that name the observed image besides the seed: runs of two cells pair when these agree
+IMAGE_FIELDS = ("cfg.data.path", "cfg.data.folder", "cfg.data.image", "cfg.data.noise_seed")
+
+
+def _pair_keys(frame: pd.DataFrame) -> np.ndarray:
+    """Per run: (seed, image fields...) as text; seed "" when the run has none."""
+    fields = ["seed"] + [f for f in IMAGE_FIELDS if f in frame.columns]
+    texts = [frame[f].map(field_text) for f in fields]
+    keys = np.empty(len(frame), dtype=object)
+    keys[:] = list(zip(*texts)) if len(frame) else []
+    return keys
+
+
+def _by_pair(layout: _Layout, name: str, mask: np.ndarray) -> dict | None:
+    """{(seed, image...): value} of the cell's ok runs with a finite value; None when a run has
+    no seed or two runs share a key."""
     values = layout.numbers[name]
     mask = mask & layout.is_ok & np.isfinite(values)
-    seeds = list(layout.seeds[mask])
-    return dict(zip(seeds, values[mask])) if len(set(seeds) - {""}) == len(seeds) else None
+    keys = list(layout.pair_keys[mask])
+    if any(key[0] == "" for key in keys) or len(set(keys)) != len(keys):
+        return None
+    return dict(zip(keys, values[mask]))
 
 
 def _paired_delta(layout: _Layout, name: str, cell: np.ndarray, base: np.ndarray) -> tuple[float, float, bool]:
-    """mean(cell) - mean(base); with the same seeds on both sides, mean and std (ddof=1) of the
-    per-seed differences x_s - b_s (paired), else the difference of the means (unpaired, no std)."""
+    """mean(cell) - mean(base); with the same (seed, image) runs on both sides, mean and std (ddof=1)
+    of the per-run differences x_s - b_s (paired), else the difference of the means (unpaired, no std)."""
     values = layout.numbers[name]
     x_all, b_all = (values[mask & layout.is_ok & np.isfinite(values)] for mask in (cell, base))
     if not x_all.size or not b_all.size:
         return math.nan, math.nan, False
-    x, b = _by_seed(layout, name, cell), _by_seed(layout, name, base)
+    x, b = _by_pair(layout, name, cell), _by_pair(layout, name, base)
     if x is not None and b is not None and set(x) == set(b):
-        mean, std, _ = _summary(np.array([x[seed] - b[seed] for seed in x]))
+        mean, std, _ = _summary(np.array([x[key] - b[key] for key in x]))
         return mean, std, True
     return float(x_all.mean() - b_all.mean()), math.nan, False
 
@@ -469,9 +497,9 @@ def _add_deltas(layout: _Layout, rows: list[_Row], baseline: dict) -> tuple[list
             numeric.update({f"{value}_delta": delta, f"{value}_delta_std": std, f"{value}_paired": paired})
             row.display[header] = _format_delta(delta, std, paired, fmt)
     note = (f"Δ: difference from {name}={layout.labels.value(name, wanted)} in the same "
-            f"{'row' if on_columns else 'column'}; ± is the std over paired seeds"
+            f"{'row' if on_columns else 'column'}; ± is the std over runs paired by seed and image"
             + (", or over rows in the mean row" if on_columns and layout.row_fields else "")
-            + f"; ({UNPAIRED}) where the seeds differ.")
+            + f"; ({UNPAIRED}) where the runs do not pair.")
     return shown_headers, note
 
 
