@@ -15,6 +15,8 @@ EMA is on), and ``check(step, psnr)`` at the evaluation points where
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dipddpm.errors import is_number, require, require_choice
@@ -38,6 +40,7 @@ def validate_early_stop(cfg) -> None:
         sigma = cfg.get("sigma")
         require(sigma is None or (is_number(sigma) and sigma > 0), "early_stop.sigma", sigma,
                 "null (the observation's data.sigma, estimated when that is 0) or a number > 0")
+        require_choice("early_stop.clipped", cfg.get("clipped", False), (True, False))
 
 
 class NoStop:
@@ -187,17 +190,23 @@ class Discrepancy(NoStop):
     """No-reference rule from the noise level: stop at the first check step where the
     returned image x_hat (clipped, EMA-averaged when EMA is on) satisfies
 
-        mean((x_hat - y)^2) <= factor * sigma^2        (discrepancy principle)
+        mean((x_hat - y)^2) <= factor * v        (discrepancy principle)
 
-    with y the observation (1, C, H, W) and sigma its noise standard deviation. A fit closer
-    to y than the noise allows has started to reproduce the noise; factor < 1 lets the fit
-    run a little past the noise level, where the measured PSNR peaks (docs/BASELINES.md).
-    The image at the stop is kept; a run that never gets there returns its last output.
+    with y the observation (1, C, H, W) and v the variance of its noise: sigma^2, or, when
+    ``clipped`` (y = clip(x + n, 0, 1)), the mean over pixels of ``clipped_noise_variance(y,
+    sigma)``: the clean x is unknown and y stands in for it (where x is near 0 or 1, clipping
+    leaves less than sigma^2; docs/BASELINES.md measures the error). A fit closer to y than the noise allows
+    has started to reproduce the noise; factor < 1 lets the fit run a little past the noise
+    level, where the measured PSNR peaks (docs/BASELINES.md). The image at the stop is kept;
+    a run that never gets there returns its last output.
     """
 
-    def __init__(self, reference: torch.Tensor, sigma: float, factor: float, every: int):
+    def __init__(self, reference: torch.Tensor, sigma: float, factor: float, every: int, clipped: bool = False):
         self.reference, self.every = reference, int(every)
-        self.threshold = float(factor) * float(sigma) ** 2
+        variance = float(sigma) ** 2
+        if clipped:
+            variance = float(torch.mean(clipped_noise_variance(reference.float(), float(sigma))))
+        self.threshold = float(factor) * variance
         self.start_stage(0)
 
     def start_stage(self, index: int) -> None:
@@ -227,6 +236,26 @@ class Discrepancy(NoStop):
         return self.latest_mse
 
 
+def clipped_noise_variance(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """E[(clip(x + n, 0, 1) - x)^2] for n ~ N(0, sigma^2), per pixel of x in [0, 1].
+
+    With a = -x, b = 1 - x, alpha = a / sigma, beta = b / sigma, Phi / phi the standard normal
+    cdf / pdf (n is cut to [a, b]; integral of z^2 phi(z) is Phi(z) - z phi(z)):
+        sigma^2 [Phi(beta) - Phi(alpha) - beta phi(beta) + alpha phi(alpha)]
+        + a^2 Phi(alpha) + b^2 (1 - Phi(beta))
+    """
+    x = x.clamp(0.0, 1.0)
+    low, high = -x, 1.0 - x
+    alpha, beta = low / sigma, high / sigma
+
+    def pdf(z):
+        return torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+
+    cdf_alpha, cdf_beta = torch.special.ndtr(alpha), torch.special.ndtr(beta)
+    inside = sigma ** 2 * (cdf_beta - cdf_alpha - beta * pdf(beta) + alpha * pdf(alpha))
+    return inside + low ** 2 * cdf_alpha + high ** 2 * (1.0 - cdf_beta)
+
+
 def noise_sigma(cfg, observation: torch.Tensor, data_sigma: float) -> float:
     """The noise level the discrepancy rule uses: early_stop.sigma when set, else the
     observation's ``data_sigma`` when > 0, else estimated from the observation alone
@@ -248,7 +277,8 @@ def build_early_stop(cfg, carry_best: bool = True, observation: torch.Tensor | N
     if cfg.name == "discrepancy":
         if observation is None:
             raise ValueError("the discrepancy rule needs the observation")
-        return Discrepancy(observation.float(), noise_sigma(cfg, observation, data_sigma), cfg.factor, cfg.every)
+        return Discrepancy(observation.float(), noise_sigma(cfg, observation, data_sigma), cfg.factor, cfg.every,
+                           clipped=bool(cfg.get("clipped", False)))
     if cfg.name == "psnr_patience":
         return PsnrPatience(cfg.every, cfg.patience, cfg.min_delta, cfg.reset_on_improve, carry_best)
     if cfg.name == "wmv":

@@ -1,10 +1,12 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dipddpm.early_stop import Discrepancy, PsnrPatience, WindowedVariance, build_early_stop, noise_sigma, validate_early_stop
+from dipddpm.early_stop import (Discrepancy, PsnrPatience, WindowedVariance, build_early_stop, clipped_noise_variance,
+                                 noise_sigma, validate_early_stop)
 from dipddpm.errors import ConfigError
 
 
@@ -145,9 +147,32 @@ def test_discrepancy_sigma_is_the_config_then_the_observation_then_an_estimate()
     assert rule.threshold == pytest.approx(0.04)
 
 
+def test_clipped_noise_variance_matches_sampled_clipping():
+    """E[(clip(x + n, 0, 1) - x)^2] against 400k sampled draws per value, and its limits:
+    sigma^2 mid-range, sigma^2 / 2 at 0 and 1 (half the draws are cut to 0)."""
+    sigma = 0.1
+    x = torch.tensor([0.0, 0.02, 0.1, 0.5, 0.93, 1.0], dtype=torch.float64)
+    draws = np.random.default_rng(0).normal(0.0, sigma, size=400_000)
+    sampled = [np.mean((np.clip(v + draws, 0.0, 1.0) - v) ** 2) for v in x.numpy()]
+    exact = clipped_noise_variance(x, sigma)
+    assert exact.numpy() == pytest.approx(sampled, rel=0.01)
+    assert float(exact[0]) == pytest.approx(sigma ** 2 / 2, rel=1e-9)
+    assert float(exact[3]) == pytest.approx(sigma ** 2, rel=1e-5)   # 5 sigma from each end
+
+
+def test_clipped_discrepancy_threshold_is_the_clipped_variance_at_the_observation():
+    observation = torch.tensor([0.0, 0.0, 0.5, 0.5]).reshape(1, 1, 2, 2)
+    # two pixels at 0 (variance 0.01 / 2), two mid-range (0.01): mean 0.0075, times 0.9
+    rule = Discrepancy(observation, sigma=0.1, factor=0.9, every=1, clipped=True)
+    assert rule.threshold == pytest.approx(0.9 * 0.0075, rel=1e-5)
+    assert Discrepancy(observation, sigma=0.1, factor=0.9, every=1).threshold == pytest.approx(0.009)
+    cfg = OmegaConf.create({"name": "discrepancy", "every": 1, "factor": 0.9, "sigma": None, "clipped": True})
+    assert build_early_stop(cfg, observation=observation, data_sigma=0.1).threshold == pytest.approx(rule.threshold)
+
+
 def test_discrepancy_is_validated():
     base = {"name": "discrepancy", "every": 10, "factor": 0.94, "sigma": None}
-    for key, value in (("factor", 0), ("factor", "big"), ("every", 0), ("sigma", -0.1)):
+    for key, value in (("factor", 0), ("factor", "big"), ("every", 0), ("sigma", -0.1), ("clipped", "yes")):
         with pytest.raises(ConfigError, match=f"early_stop.{key}"):
             validate_early_stop(OmegaConf.create({**base, key: value}))
     with pytest.raises(ValueError, match="observation"):
