@@ -2,7 +2,8 @@
 # What each part of method=dip_best contributes: every ablation below x 3 seeds x a few images
 # (128x128, sigma 25/255, the same noise draw for every ablation), one sweep per ablation under
 # $OUT/<name>/, then one dipddpm-compare table (mean ± std over images and seeds, Δ against plain DIP)
-# in $OUT/table.md. Resumable: running it again skips finished jobs. docs/BASELINES.md, "dip_best".
+# in $OUT/table.md, over every ablation with results there. Resumable: running it again skips
+# finished jobs. docs/BASELINES.md, "dip_best".
 #
 #   scripts/ablate_dip_best.sh                       # the defaults below
 #   IMAGES=a.png,b.png SEEDS=0,1 OUT=/tmp/abl scripts/ablate_dip_best.sh
@@ -36,7 +37,6 @@ ABLATIONS=(
 
 mkdir -p "$OUT"
 first_image=${IMAGES%%,*}
-ran=()
 for entry in "${ABLATIONS[@]}"; do
   name=${entry%%|*}
   read -r -a overrides <<< "${entry#*|}"
@@ -53,9 +53,15 @@ for entry in "${ABLATIONS[@]}"; do
   fi
   echo "ablate_dip_best: $name: ${overrides[*]}"
   dipddpm-train -m "${overrides[@]}" "${common[@]}" "seed=$SEEDS" || true   # failed jobs are marked in the table
-  ran+=("$OUT/$name")
 done
 rm -rf "$OUT/.dry"
 
-dipddpm-compare "${ran[@]}" --out "$OUT" --rows experiment --values psnr_final,psnr_stop,ssim_final,wall_seconds \
-  --baseline experiment=ablation/dip
+# the table holds every ablation with results under $OUT, also those of earlier (ONLY=...) runs
+done_dirs=()
+for entry in "${ABLATIONS[@]}"; do
+  [[ -d "$OUT/${entry%%|*}" ]] && done_dirs+=("$OUT/${entry%%|*}")
+done
+baseline=()
+[[ -d "$OUT/dip" ]] && baseline=(--baseline experiment=ablation/dip)
+dipddpm-compare "${done_dirs[@]}" --out "$OUT" --rows experiment --values psnr_final,psnr_stop,ssim_final,wall_seconds \
+  "${baseline[@]}"
