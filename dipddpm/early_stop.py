@@ -195,17 +195,17 @@ class Discrepancy(NoStop):
     with y the observation (1, C, H, W) and v the variance of its noise: sigma^2, or, when
     ``clipped`` (y = clip(x + n, 0, 1)), the mean over pixels of ``clipped_noise_variance(y,
     sigma)``: the clean x is unknown and y stands in for it (where x is near 0 or 1, clipping
-    leaves less than sigma^2; docs/BASELINES.md measures the error). A fit closer to y than the noise allows
-    has started to reproduce the noise; factor < 1 lets the fit run a little past the noise
-    level, where the measured PSNR peaks (docs/BASELINES.md). The image at the stop is kept;
-    a run that never gets there returns its last output.
+    leaves less than sigma^2; docs/BASELINES.md measures the error). A fit closer to y than
+    the noise allows has started to reproduce the noise; factor < 1 lets the fit run a little
+    past the noise level, where the measured PSNR peaks (docs/BASELINES.md). The image at the
+    stop is kept; a run that never gets there returns its last output.
     """
 
     def __init__(self, reference: torch.Tensor, sigma: float, factor: float, every: int, clipped: bool = False):
         self.reference, self.every = reference, int(every)
         variance = float(sigma) ** 2
         if clipped:
-            variance = float(torch.mean(clipped_noise_variance(reference.float(), float(sigma))))
+            variance = float(torch.mean(clipped_noise_variance(reference, float(sigma))))
         self.threshold = float(factor) * variance
         self.start_stage(0)
 

@@ -8,8 +8,10 @@ three choices of the noise variance v:
   clipped_x  the same at the clean image's values (an oracle: it reads the clean image).
 
 It reads each job's curve.csv (`psnr`, and `psnr_noisy`: the PSNR of the returned image against
-the observation), clean.png, noisy.png and result.json (the job's data.sigma), so it needs the
-job folders of a sweep such as `experiment=denoise/zero_shot` run with method=dip.
+the observation), clean.png, noisy.png (8-bit, so y is the observation rounded to 1/255) and
+result.json (the job's data.sigma), so it needs the job folders of a sweep such as
+`experiment=denoise/zero_shot` run with method=dip. Beside the stops it prints the two clipped
+variances over sigma^2 (v_y, v_x).
 
     python scripts/discrepancy_table.py outputs/sweeps/denoise/zero_shot/faithful --factors 0.9,0.92,0.94,0.96
 """
@@ -57,7 +59,8 @@ def replay(job: Path, factors: list[float]) -> dict:
     variance = {"sigma2": sigma ** 2,
                 "clipped_y": float(clipped_noise_variance(noisy, sigma).mean()),
                 "clipped_x": float(clipped_noise_variance(clean, sigma).mean())}
-    out = {"image": record["metrics"].get("image", job.name), "best": psnr.max(), "last": psnr[-1]}
+    out = {"image": record["metrics"].get("image", job.name), "best": psnr.max(), "last": psnr[-1],
+           "v_y": variance["clipped_y"] / sigma ** 2, "v_x": variance["clipped_x"] / sigma ** 2}
     for factor in factors:
         for name in VARIANCES:
             below = np.nonzero(mse <= factor * variance[name])[0]
@@ -75,14 +78,12 @@ def main(argv=None) -> int:
     if not results:
         parser.error("no finished method=dip job with a curve.csv under " + ", ".join(map(str, args.roots)))
     columns = [(f, v) for f in factors for v in VARIANCES]
-    print("| image | oracle best | last | " + " | ".join(f"{f} x {v}" for f, v in columns) + " |")
-    print("|---" * (3 + len(columns)) + "|")
-    for r in sorted(results, key=lambda r: r["image"]):
-        print(f"| {r['image']} | {r['best']:.2f} | {r['last']:.2f} | "
+    print("| image | v_y | v_x | oracle best | last | " + " | ".join(f"{f} x {v}" for f, v in columns) + " |")
+    print("|---" * (5 + len(columns)) + "|")
+    mean = {key: np.mean([r[key] for r in results]) for key in ["v_y", "v_x", "best", "last", *columns]}
+    for r in sorted(results, key=lambda r: r["image"]) + [dict(mean, image=f"mean of {len(results)}")]:
+        print(f"| {r['image']} | {r['v_y']:.3f} | {r['v_x']:.3f} | {r['best']:.2f} | {r['last']:.2f} | "
               + " | ".join(f"{r[c]:.2f}" for c in columns) + " |")
-    mean = {key: np.mean([r[key] for r in results]) for key in ["best", "last", *columns]}
-    print(f"| mean of {len(results)} | {mean['best']:.2f} | {mean['last']:.2f} | "
-          + " | ".join(f"{mean[c]:.2f}" for c in columns) + " |")
     return 0
 
 

@@ -76,19 +76,17 @@ def _as_number(value):
     return None
 
 
-def _clean_image_text(flags) -> str:
-    """A row's uses_clean_image flags ("true"/"false", "" when not recorded) -> yes | no | mixed."""
-    present = {flag for flag in flags if flag}
-    if not present:
-        return ""
-    return "mixed" if len(present) > 1 else ("yes" if present == {"true"} else "no")
-
-
 def _flag_text(share: float, count: int) -> str:
     """The mean of a 0/1 flag over a cell's runs -> no | yes | mixed."""
     if count == 0 or not math.isfinite(share):
         return MISSING_CELL
     return "no" if share == 0 else ("yes" if share == 1 else "mixed")
+
+
+def _clean_image_text(flags) -> str:
+    """A row's uses_clean_image flags ("true"/"false", "" when not recorded) -> yes | no | mixed."""
+    present = [flag == "true" for flag in flags if flag]
+    return _flag_text(float(np.mean(present)), len(present)) if present else ""
 
 
 def _format_report(value) -> str:
