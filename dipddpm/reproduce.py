@@ -365,6 +365,8 @@ def _section(entry: ReportTable, profile: str, output_root: Path, doc_dir: Path,
     if not finished:
         lines += ["**Not yet run.**" if not results else "**No job has finished yet.**", ""]
         lines += _report_lines(spec)
+        if entry not in REPORT_TABLES:
+            lines += _other_profile_lines(entry.experiment, profile, output_root, doc_dir)
     else:
         collapsed = [r.get("status") for r in done].count("collapsed")
         baseline_runs = len(finished) - len(done)
@@ -392,6 +394,26 @@ def _section(entry: ReportTable, profile: str, output_root: Path, doc_dir: Path,
         lines += [f"![{name[:-4]}]({_relative(folder / name, doc_dir)})" for name in figures]
         lines += [""] if figures else []
     return "\n".join(lines), summary
+
+
+def _other_profile_lines(experiment: str, profile: str, output_root: Path, doc_dir: Path) -> list[str]:
+    """For a baseline experiment this profile has not run: the committed tables of the profiles that
+    ran it (<output root>/reproduction/<other>/<experiment>/table.md), each said to be that profile's."""
+    lines = []
+    for folder in sorted(Path(output_root, "reproduction").glob(f"*/{experiment}")):
+        other = folder.relative_to(Path(output_root, "reproduction")).parts[0]
+        table_md = folder / "table.md"
+        finished = [r for r in job_results(folder).values() if is_finished(r)]
+        if other == profile or not finished or not table_md.is_file():
+            continue
+        body = table_md.read_text().split("\n", 2)
+        lines += [f"Profile `{other}` ran it ({len(finished)} jobs, committed in "
+                  f"`outputs/reproduction/{other}/{experiment}/`); its table, not this profile's:", "",
+                  body[2].strip() if len(body) > 2 and body[0].startswith("## ") else table_md.read_text().strip(), ""]
+        figures = [name for name in ("bars.png", "curves.png") if (folder / name).is_file()]
+        lines += [f"![{other} {name[:-4]}]({_relative(folder / name, doc_dir)})" for name in figures]
+        lines += [""] if figures else []
+    return lines
 
 
 def differences(spec: dict, profile: str) -> list[str]:

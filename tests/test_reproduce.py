@@ -276,3 +276,20 @@ def test_differences_list_the_common_entries_then_the_profiles():
         rp.differences({"differs": ["image 64 px"]}, "standard")
     section = rp.differences(rp.table_spec("guided/backbone_scheduler"), "standard")
     assert section[-1].startswith("SegNet at 32x32 (R2: 128x128")
+
+
+def test_a_baseline_this_profile_has_not_run_shows_the_table_of_the_profile_that_did(tmp_path):
+    root, doc = tmp_path / "outputs", tmp_path / "docs" / "REPRODUCTION.md"
+    ran = rp.experiment_dir(root, "faithful", "denoise/zero_shot")
+    for seed in range(2):
+        fake_job(ran, f"method=bm3d,seed={seed}", curriculum="-", variant="-", seed=seed, psnr=30.0 + seed, clean=False)
+    (ran / "table.md").write_text("## Zero-shot denoisers\n\n| method | PSNR |\n|---|---|\n| BM3D | 30.50 ± 0.71 |\n")
+    rp.write_document("smoke", root, doc)
+    text = doc.read_text()
+    section = text.split("## denoise/zero_shot")[1].split("\n## ")[0]
+    assert "**Not yet run.**" in section
+    assert ("Profile `faithful` ran it (2 jobs, committed in `outputs/reproduction/faithful/denoise/zero_shot/`); "
+            "its table, not this profile's:") in section
+    assert "| BM3D | 30.50 ± 0.71 |" in section
+    assert "Profile `" not in text.split("## baselines/cset")[1].split("\n## ")[0]   # nobody ran it
+    assert "| denoise/zero_shot | `denoise/zero_shot` | not yet run |" in text
