@@ -194,6 +194,17 @@ def test_baseline_on_rows_adds_a_delta_column(sweeps, tmp_path, capsys):
     assert lines[5] == f"| tv | {statistics.mean(tv):.4g} ± {statistics.stdev(tv):.4g} |  | 2 | 0 |"
 
 
+def test_where_with_commas_keeps_runs_equal_to_any_part(sweeps, tmp_path, capsys):
+    code, printed, _ = run_cli(capsys, *sweeps, "--rows", "cfg.method.algorithm", "--values", "psnr_final",
+                               "--where", "method.algorithm=nlm, tv", "--where", "data.path=bird",
+                               "--out", tmp_path / "o")
+    assert code == 0
+    rows = [line.split(" | ")[0][2:] for line in printed.splitlines()[4:] if line.startswith("| ")]
+    assert rows == ["nlm", "tv"]
+    nlm = [PSNR[("bird", "nlm", s)] for s in (0, 1)]
+    assert f"| nlm | {statistics.mean(nlm):.4g} ± {statistics.stdev(nlm):.4g} | 2 | 0 |" in printed
+
+
 def test_parameter_sweep_two_metrics_csv_format(sweeps, tmp_path, capsys):
     code, printed, _ = run_cli(capsys, sweeps[1], "--rows", "method.algorithm", "--values", "psnr_final,ssim_final",
                                "--where", "data.path=/data/set5/head.png", "--format", "csv", "--out", tmp_path / "o")

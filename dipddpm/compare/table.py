@@ -146,13 +146,15 @@ def _default_title(frame: pd.DataFrame) -> str:
 
 
 def select_runs(frame: pd.DataFrame, where: dict) -> pd.DataFrame:
-    """Runs whose field equals the value (as text, or as its shortened label) for every where item."""
+    """Runs whose field equals the value (as text, or as its shortened label) for every where item;
+    a value with commas, as in a sweep (``method=dip,dip_best``), keeps the runs equal to any part."""
     keep = np.ones(len(frame), dtype=bool)
     for name, wanted in where.items():
         values = field_values(frame, name)
         labels = Labels({}, {name: values})
         wanted = field_text(wanted)
-        keep &= values.map(lambda v: wanted in (v, labels.value(name, v))).to_numpy(dtype=bool)
+        accepted = {wanted, *(part.strip() for part in wanted.split(","))}
+        keep &= values.map(lambda v: bool(accepted & {v, labels.value(name, v)})).to_numpy(dtype=bool)
         if not keep.any():
             raise ValueError(f"--where {name}={wanted}: no run matches; values: "
                              + ", ".join(sorted(set(values) - {""}, key=value_sort_key)))
