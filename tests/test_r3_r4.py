@@ -191,6 +191,7 @@ def test_sample_grid_layout():
     (ddpm_single, ["experiment=truncated/dip_vs_clean", "method.sample.noise_until=-1"], "method.sample.noise_until"),
     (ddpm_single, ["experiment=truncated/dip_vs_clean", "method.sample.calls=502"], "method.sample.calls"),
     (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "method.sample.sampler=plms"], "method.sample.sampler"),
+    (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "method.sample.clip_x0=yes"], "method.sample.clip_x0"),
     (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "method.steps=500", "method.sample.t_start=400"],
      "method.sample.t_start"),
     (ddpm_single, ["experiment=truncated/dip_vs_clean", "data=mnist"], "data"),
@@ -283,10 +284,10 @@ def sweep_jobs(experiment: str, *overrides: str) -> list[dict]:
     return [dict(item.split("=", 1) for item in job) for job in jobs]
 
 
-R4_ROWS = {  # r4_row -> (DIP passes, sampler, t_start of a chain of s calls)
-    "ddpm": (0, "ancestral", lambda s: s - 1),
-    "dip_ddpm": (2, "ancestral", lambda s: s - 1),
-    "ddim": (0, "ddim", lambda s: 999),
+R4_ROWS = {  # r4_row -> (DIP passes, sampler, t_start of a chain of s calls, x0 clipped)
+    "ddpm": (0, "ancestral", lambda s: s - 1, False),
+    "dip_ddpm": (2, "ancestral", lambda s: s - 1, False),
+    "ddim": (0, "ddim", lambda s: 999, True),
 }
 
 
@@ -297,7 +298,7 @@ def test_t41_sweeps_ddpm_dip_and_ddim_rows_at_equal_network_calls():
     steps = list(range(100, 1001, 100))
     assert sorted((j["seed"], j["r4_row"], int(j["method.steps"])) for j in jobs) == sorted(
         (str(seed), row, s) for seed in range(2) for row in R4_ROWS for s in steps)
-    for row, (passes, sampler, t_start) in R4_ROWS.items():
+    for row, (passes, sampler, t_start, clipped) in R4_ROWS.items():
         for s in (100, 700):
             cfg = composed("experiment=dipnoise/time_vs_steps", "profile=quick", f"r4_row={row}", f"method.steps={s}")
             ddpm_dipnoise.validate(cfg)
@@ -305,6 +306,7 @@ def test_t41_sweeps_ddpm_dip_and_ddim_rows_at_equal_network_calls():
             assert (plan["dip_passes"], plan["sampler"], plan["t_start"], plan["chain_steps"]) == (
                 passes, sampler, t_start(s), s)
             assert cfg.method.sample.eta == 0.0 and cfg.method.train.seed == 0
+            assert sample_options(cfg.method.sample)["clip_x0"] is clipped
     spec = OmegaConf.to_container(composed("experiment=dipnoise/time_vs_steps").table)
     assert spec["rows"] == ["r4_row"] and spec["labels"]["r4_row"]["ddim"] == "DDIM (same calls)"
     assert {"frechet", "confidence", "sample_seconds"} <= set(spec["values"])

@@ -28,7 +28,7 @@ from dipddpm.runtime import model_device, synchronize
 
 SAMPLERS = ("ancestral", "ddim")
 VARIANCES = ("beta", "posterior")
-SAMPLE_KEYS = ("sampler", "eta", "variance", "noise_until")
+SAMPLE_KEYS = ("sampler", "eta", "variance", "noise_until", "clip_x0")
 
 
 @dataclass
@@ -215,7 +215,7 @@ def sample(model: nn.Module, schedule, shape_or_x, *, sampler: str = "ancestral"
 
 def sample_options(cfg_sample) -> dict:
     """The keyword arguments of :func:`sample` set by a method's ``sample`` config (sampler,
-    eta, variance, noise_until; absent keys keep the defaults)."""
+    eta, variance, noise_until, clip_x0; absent keys keep the defaults)."""
     return {key: cfg_sample[key] for key in SAMPLE_KEYS if key in cfg_sample}
 
 
@@ -230,3 +230,5 @@ def validate_sample_config(cfg_sample, prefix: str = "method.sample") -> None:
     until = options.get("noise_until", 0)
     require(_is_int(until) and until >= 0, f"{prefix}.noise_until", until,
             "an integer >= 0 (noise only for t > noise_until; 0 is standard DDPM)")
+    clip = options.get("clip_x0", False)
+    require(isinstance(clip, bool), f"{prefix}.clip_x0", clip, "true or false (clip the predicted x0 to [-1, 1])")

@@ -106,7 +106,6 @@ def validate(cfg) -> None:
     if m.sample.calls is not None:
         common.require_int("method.sample.calls", m.sample.calls, maximum=schedule.num_timesteps)
     validate_sample_config(m.sample)
-    _flag("method.sample.clip_x0", m.sample.clip_x0)
     e = m.eval
     if e.grid_every_epochs is not None:
         common.require_int("method.eval.grid_every_epochs", e.grid_every_epochs)
@@ -181,7 +180,7 @@ def sample_chain(model: nn.Module, cfg, schedule, count: int, calls: int, dip_no
     """
     m = cfg.method
     return sample(model, schedule, (count, 3, SIDE, SIDE), calls=min(calls, schedule.num_timesteps),
-                  clip_x0=bool(m.sample.clip_x0), generator=generator, device=device,
+                  generator=generator, device=device,
                   noise_fn=sampling_noise_fn(str(m.dip_mode), dip_noise, generator), callback=callback,
                   **sample_options(m.sample))
 

@@ -112,7 +112,7 @@ def sample_with_dip(model: nn.Module, schedule, count: int, steps: int, *, dip: 
                     device=None, **sampler) -> DipSample:
     """``count`` samples from a chain of ``steps`` network calls from t_start (default
     steps-1: R4's truncated chain t = steps-1 .. 0); ``sampler``: the sampler keywords of
-    dipddpm.diffusion.sample (sampler, eta, variance, noise_until; ancestral by default).
+    dipddpm.diffusion.sample (sampler, eta, variance, noise_until, clip_x0; ancestral by default).
 
     passes = 0 (or no DIP): exactly sample(model, schedule, (count, 1, side, side),
     t_start=t_start, calls=steps, generator=generator, **sampler). passes > 0: x ~ N(0, I) of
