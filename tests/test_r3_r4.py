@@ -191,7 +191,7 @@ def test_sample_grid_layout():
     (ddpm_single, ["experiment=truncated/dip_vs_clean", "method.sample.noise_until=-1"], "method.sample.noise_until"),
     (ddpm_single, ["experiment=truncated/dip_vs_clean", "method.sample.calls=502"], "method.sample.calls"),
     (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "method.sample.sampler=plms"], "method.sample.sampler"),
-    (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "method.sample.clip_x0=yes"], "method.sample.clip_x0"),
+    (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "r4_row=ddim", "method.sample.clip_x0=yes"], "method.sample.clip_x0"),
     (ddpm_dipnoise, ["experiment=dipnoise/time_vs_steps", "method.steps=500", "method.sample.t_start=400"],
      "method.sample.t_start"),
     (ddpm_single, ["experiment=truncated/dip_vs_clean", "data=mnist"], "data"),
@@ -306,7 +306,7 @@ def test_t41_sweeps_ddpm_dip_and_ddim_rows_at_equal_network_calls():
             assert (plan["dip_passes"], plan["sampler"], plan["t_start"], plan["chain_steps"]) == (
                 passes, sampler, t_start(s), s)
             assert cfg.method.sample.eta == 0.0 and cfg.method.train.seed == 0
-            assert sample_options(cfg.method.sample)["clip_x0"] is clipped
+            assert sample_options(cfg.method.sample).get("clip_x0", False) is clipped
     spec = OmegaConf.to_container(composed("experiment=dipnoise/time_vs_steps").table)
     assert spec["rows"] == ["r4_row"] and spec["labels"]["r4_row"]["ddim"] == "DDIM (same calls)"
     assert {"frechet", "confidence", "sample_seconds"} <= set(spec["values"])
