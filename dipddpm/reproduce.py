@@ -388,12 +388,18 @@ def _section(entry: ReportTable, profile: str, output_root: Path, doc_dir: Path,
         lines.append("")
     table_md = folder / "table.md"
     if finished and table_md.is_file() and not problem:
-        body = table_md.read_text().split("\n", 2)
-        lines += [body[2].strip() if len(body) > 2 and body[0].startswith("## ") else table_md.read_text().strip(), ""]
-        figures = [name for name in ("bars.png", "curves.png", "rd_curves.png") if (folder / name).is_file()]
-        lines += [f"![{name[:-4]}]({_relative(folder / name, doc_dir)})" for name in figures]
-        lines += [""] if figures else []
+        lines += _table_lines(folder, doc_dir)
     return "\n".join(lines), summary
+
+
+def _table_lines(folder: Path, doc_dir: Path, label: str = "") -> list[str]:
+    """An experiment folder's table.md without its heading, then its figures (links relative to doc_dir)."""
+    text = (folder / "table.md").read_text()
+    body = text.split("\n", 2)
+    lines = [body[2].strip() if len(body) > 2 and body[0].startswith("## ") else text.strip(), ""]
+    figures = [name for name in ("bars.png", "curves.png", "rd_curves.png") if (folder / name).is_file()]
+    lines += [f"![{label}{name[:-4]}]({_relative(folder / name, doc_dir)})" for name in figures]
+    return lines + ([""] if figures else [])
 
 
 def _other_profile_lines(experiment: str, profile: str, output_root: Path, doc_dir: Path) -> list[str]:
@@ -406,13 +412,9 @@ def _other_profile_lines(experiment: str, profile: str, output_root: Path, doc_d
         finished = [r for r in job_results(folder).values() if is_finished(r)]
         if other == profile or not finished or not table_md.is_file():
             continue
-        body = table_md.read_text().split("\n", 2)
         lines += [f"Profile `{other}` ran it ({len(finished)} jobs, committed in "
                   f"`outputs/reproduction/{other}/{experiment}/`); its table, not this profile's:", "",
-                  body[2].strip() if len(body) > 2 and body[0].startswith("## ") else table_md.read_text().strip(), ""]
-        figures = [name for name in ("bars.png", "curves.png") if (folder / name).is_file()]
-        lines += [f"![{other} {name[:-4]}]({_relative(folder / name, doc_dir)})" for name in figures]
-        lines += [""] if figures else []
+                  *_table_lines(folder, doc_dir, f"{other} ")]
     return lines
 
 
