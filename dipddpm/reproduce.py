@@ -348,7 +348,7 @@ def _section(entry: ReportTable, profile: str, output_root: Path, doc_dir: Path,
     claims = parse_claims(spec, f"{entry.experiment}: table.claims")
     finished = [r for r in results.values() if is_finished(r)]
     title = str(spec.get("title") or entry.experiment)
-    heading = title if title.startswith(entry.id) else f"{entry.id} — {title}"
+    heading = title if title.startswith(entry.id.split(":")[0]) else f"{entry.id} — {title}"   # no "R4 ablation" twice
     ran = read_manifest(folder).get("overrides")       # what produced the results, else what would run now
     overrides = (ran if isinstance(ran, list) else sweep_overrides(entry, profile, baselines, extra)) + sweep_location(
         experiment_dir(Path("outputs"), profile, entry.experiment), Path("outputs"))

@@ -230,6 +230,7 @@ def test_regeneration_only_when_up_to_date_and_a_missing_job_launches(tmp_path, 
     assert len(differs) == 3 and not any("64x64" in line for line in differs)   # the standard entry: not under smoke
     assert "![bars](../outputs/reproduction/smoke/staged/traditional_vs_staged/bars.png)" in section
     assert "## T1.2" in text and text.split("## T1.2")[1].split("\n## ")[0].count("**Not yet run.**") == 1
+    assert "\n## R4 ablation — DDPM training epochs (3 DIP passes, 500 steps)\n" in text   # its title, not the label twice
 
     (folder / "curriculum=r1_gradual,seed=1,variant=report" / "result.json").unlink()
     assert rp.reproduce("smoke", EXPERIMENT, [], root, doc) == 0
