@@ -408,9 +408,10 @@ def _other_profile_lines(experiment: str, profile: str, output_root: Path, doc_d
     lines = []
     for folder in sorted(Path(output_root, "reproduction").glob(f"*/{experiment}")):
         other = folder.relative_to(Path(output_root, "reproduction")).parts[0]
-        table_md = folder / "table.md"
+        if other == profile or not (folder / "table.md").is_file():
+            continue
         finished = [r for r in job_results(folder).values() if is_finished(r)]
-        if other == profile or not finished or not table_md.is_file():
+        if not finished:
             continue
         lines += [f"Profile `{other}` ran it ({len(finished)} jobs, committed in "
                   f"`outputs/reproduction/{other}/{experiment}/`); its table, not this profile's:", "",
