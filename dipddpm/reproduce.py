@@ -104,6 +104,14 @@ def sweep_size(experiment: str) -> int | None:
     return count
 
 
+def reproducing_profiles(spec: dict) -> list[str] | None:
+    """The profiles whose ``dipddpm-reproduce`` runs this table (``table.profiles``); None: every profile."""
+    profiles = spec.get("profiles")
+    if profiles is None:
+        return None
+    return [str(name) for name in ([profiles] if isinstance(profiles, str) else profiles)]
+
+
 def experiment_dir(output_root: Path, profile: str, experiment: str) -> Path:
     """Where an experiment's sweep of a profile lives: <output root>/reproduction/<profile>/<experiment>."""
     return Path(output_root) / "reproduction" / profile / experiment
@@ -349,10 +357,14 @@ def _section(entry: ReportTable, profile: str, output_root: Path, doc_dir: Path,
     finished = [r for r in results.values() if is_finished(r)]
     title = str(spec.get("title") or entry.experiment)
     heading = title if title.startswith(entry.id.split(":")[0]) else f"{entry.id} — {title}"   # no "R4 ablation" twice
+    only = reproducing_profiles(spec)
+    elsewhere = only is not None and profile not in only and not finished   # another profile's table
     ran = read_manifest(folder).get("overrides")       # what produced the results, else what would run now
     overrides = (ran if isinstance(ran, list) else sweep_overrides(entry, profile, baselines, extra)) + sweep_location(
         experiment_dir(Path("outputs"), profile, entry.experiment), Path("outputs"))
     lines = [f"## {heading}", "",
+             f"Experiment `{entry.experiment}`: not a `{profile}` sweep (its `table.profiles`: {', '.join(only)}), "
+             f"so `dipddpm-reproduce {profile}` launches nothing for it." if elsewhere else
              f"Experiment `{entry.experiment}`: `dipddpm-reproduce {profile} --only {entry.experiment}`, "
              f"which runs `{_display_command(overrides)}`.", ""]
     differs = differences(spec, profile)
@@ -362,8 +374,11 @@ def _section(entry: ReportTable, profile: str, output_root: Path, doc_dir: Path,
     done = [r for r in jobs.values() if is_finished(r)]
     total = max(sweep_size(entry.experiment) or len(jobs), len(jobs))
     summary = {"jobs": f"{len(done)} of {total}" if results else "not yet run", "verdicts": []}
-    if not finished:
+    if elsewhere:
+        summary["jobs"] = f"{', '.join(only)} only"
+    elif not finished:
         lines += ["**Not yet run.**" if not results else "**No job has finished yet.**", ""]
+    if not finished:
         lines += _report_lines(spec)
         if entry not in REPORT_TABLES:
             lines += _other_profile_lines(entry.experiment, profile, output_root, doc_dir)
@@ -540,6 +555,10 @@ def reproduce(profile: str, pattern: str | None = None, extra: list[str] | None 
         for entry in chosen:
             folder = experiment_dir(output_root, profile, entry.experiment)
             overrides = sweep_overrides(entry, profile, baselines, extra)
+            only = reproducing_profiles(table_spec(entry.experiment))
+            if only is not None and profile not in only:
+                print(f"== {entry.experiment}: reproduced under {', '.join(only)} only (table.profiles)", flush=True)
+                continue
             if launch == "missing" and is_up_to_date(folder, fingerprint, overrides):
                 print(f"== {entry.experiment}: up to date", flush=True)
                 continue

@@ -201,7 +201,9 @@ def test_regeneration_only_when_up_to_date_and_a_missing_job_launches(tmp_path, 
     assert launched == [] and (folder / "table.md").is_file() and (folder / "bars.png").is_file()
     stamp = (folder / "table.md").stat().st_mtime_ns
     assert rp.reproduce("smoke", None, [], root, doc) == 0         # every other table launches, not this one
-    assert len(launched) == len(rp.tables()) - 1 and not any(f"experiment={EXPERIMENT}" in c for c in launched)
+    assert not any(f"experiment={EXPERIMENT}" in c for c in launched)
+    assert not any("experiment=denoise/zero_shot" in c for c in launched)   # table.profiles: [faithful]
+    assert len(launched) == len(rp.tables()) - 2
     launched.clear()
     began = time.perf_counter()
     assert rp.reproduce("smoke", EXPERIMENT, [], root, doc) == 0
@@ -279,7 +281,9 @@ def test_differences_list_the_common_entries_then_the_profiles():
     assert section[-1].startswith("SegNet at 32x32 (R2: 128x128")
 
 
-def test_a_baseline_this_profile_has_not_run_shows_the_table_of_the_profile_that_did(tmp_path):
+def test_a_table_of_another_profile_is_shown_and_never_launched(tmp_path, monkeypatch):
+    """denoise/zero_shot's table.profiles is [faithful]: other profiles launch nothing for it and show
+    faithful's committed table; faithful itself launches it."""
     root, doc = tmp_path / "outputs", tmp_path / "docs" / "REPRODUCTION.md"
     ran = rp.experiment_dir(root, "faithful", "denoise/zero_shot")
     for seed in range(2):
@@ -288,9 +292,22 @@ def test_a_baseline_this_profile_has_not_run_shows_the_table_of_the_profile_that
     rp.write_document("smoke", root, doc)
     text = doc.read_text()
     section = text.split("## denoise/zero_shot")[1].split("\n## ")[0]
-    assert "**Not yet run.**" in section
+    assert section.startswith(" — Zero-shot denoisers")
+    assert ("Experiment `denoise/zero_shot`: not a `smoke` sweep (its `table.profiles`: faithful), so "
+            "`dipddpm-reproduce smoke` launches nothing for it.") in section
+    assert "**Not yet run.**" not in section
     assert ("Profile `faithful` ran it (2 jobs, committed in `outputs/reproduction/faithful/denoise/zero_shot/`); "
             "its table, not this profile's:") in section
     assert "| BM3D | 30.50 ± 0.71 |" in section
     assert "Profile `" not in text.split("## baselines/cset")[1].split("\n## ")[0]   # nobody ran it
-    assert "| denoise/zero_shot | `denoise/zero_shot` | not yet run |" in text
+    assert "| denoise/zero_shot | `denoise/zero_shot` | faithful only |" in text
+    assert rp.reproducing_profiles(rp.table_spec("denoise/zero_shot")) == ["faithful"]
+    assert rp.reproducing_profiles({"profiles": "standard"}) == ["standard"]
+    assert rp.reproducing_profiles({}) is None
+
+    launched = []
+    monkeypatch.setattr(rp.subprocess, "call", lambda command: launched.append(command) or 0)
+    assert rp.reproduce("standard", "denoise/zero_shot", [], root, None) == 0
+    assert launched == []
+    assert rp.reproduce("faithful", "denoise/zero_shot", [], root, None, launch="all") == 0
+    assert len(launched) == 1 and "experiment=denoise/zero_shot" in launched[0]
