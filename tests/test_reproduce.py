@@ -223,6 +223,10 @@ def test_regeneration_only_when_up_to_date_and_a_missing_job_launches(tmp_path, 
     assert "Jobs: 13 of the sweep's 60 finished (1 collapsed, 0 failed or stopped, 47 not started); wall time 130 s" in section
     assert "| T1.1 | `staged/traditional_vs_staged` | 13 of 60 |" in text   # 5 seeds x 2 curricula x 3 variants x 2 lr
     assert "; 3.0 minutes of elapsed time in one run." in section   # 10:00:00 to 10:03:00
+    summary_row = next(line for line in text.splitlines() if line.startswith("| T1.1 |"))
+    assert summary_row.endswith("| 3.0 |")
+    assert "| T1.2 | `staged/depth_staged` | not yet run | 1 no results yet | — |" in text
+    assert "Elapsed time of all these sweeps: 3 min (" in text
     assert "ours: 34 ± 0.5 (n=3) vs 22 ± 8.01 (n=4, 1 collapsed); report: 34.5017 vs 26.2294" in section
     assert "verdict: **inconclusive** — d = +12, 2 s_p = 12.43: |d| within 2 s_p" in section
     assert "honest rows (no clean image): 28 ± 1 (n=3) vs 28 ± 0.5 (n=3): **inconclusive**" in section
