@@ -198,9 +198,11 @@ def read_manifest(folder: Path) -> dict:
 
 def write_manifest(folder: Path, command: str, fingerprint: str, overrides: list[str]) -> dict:
     """Record the sweep just run: every job folder with its config hash (None: not finished), the
-    command, the config fingerprint and the machine; keeps the tables' digest."""
+    command, the config fingerprint and the machine. The tables' digest is dropped: the sweep's own
+    table.md (its callback's, built from the specs its results recorded) is rebuilt from the current spec."""
     jobs = job_results(folder)
     manifest = read_manifest(folder) | {
+        "tables_digest": None,
         "command": command, "fingerprint": fingerprint, "overrides": overrides, "machine": machine(),
         "jobs": {name: result.get("config_hash") if is_finished(result) else None for name, result in jobs.items()},
     }

@@ -243,6 +243,26 @@ def test_regeneration_only_when_up_to_date_and_a_missing_job_launches(tmp_path, 
     assert len(launched) == 1 and launched[0][1:] == ["-m", "dipddpm.train", *overrides, *location]
 
 
+def test_a_launch_that_skips_every_job_still_leaves_the_table_of_the_current_spec(tmp_path, monkeypatch):
+    """A sweep's own callback writes table.md from the specs its results recorded; after any launch the
+    table is rebuilt from the experiment's current spec, even when no result changed."""
+    root = tmp_path / "outputs"
+    folder = rp.experiment_dir(root, "smoke", EXPERIMENT)
+    fake_experiment(folder)
+    monkeypatch.setattr(rp.subprocess, "call", lambda command: 0)
+    assert rp.reproduce("smoke", EXPERIMENT, [], root, tmp_path / "R.md", launch="all") == 0
+    built = (folder / "table.md").read_text()
+    assert "R1: clean target + PSNR stop (uses clean image)" in built      # the current spec's label
+
+    def callback_table(command):
+        (folder / "table.md").write_text("## from the recorded specs\n")
+        return 0
+
+    monkeypatch.setattr(rp.subprocess, "call", callback_table)
+    assert rp.reproduce("smoke", EXPERIMENT, [], root, tmp_path / "R.md", launch="all") == 0
+    assert (folder / "table.md").read_text() == built
+
+
 @pytest.mark.slow
 def test_a_moved_reproduction_folder_resumes_without_rerunning(tmp_path, monkeypatch):
     """A finished sweep copied to another root (a fresh clone elsewhere) is up to date there, and
