@@ -225,7 +225,7 @@ def test_regeneration_only_when_up_to_date_and_a_missing_job_launches(tmp_path, 
     assert "; 3.0 minutes of elapsed time in one run." in section   # 10:00:00 to 10:03:00
     summary_row = next(line for line in text.splitlines() if line.startswith("| T1.1 |"))
     assert summary_row.endswith("| 3.0 |")
-    assert "| T1.2 | `staged/depth_staged` | not yet run | 1 no results yet | — |" in text
+    assert "| T1.2 | `staged/depth_staged` | not yet run | 2 no results yet | — |" in text
     assert "Elapsed time of all these sweeps: 3 min (" in text
     assert "ours: 34 ± 0.5 (n=3) vs 22 ± 8.01 (n=4, 1 collapsed); report: 34.5017 vs 26.2294" in section
     assert "verdict: **inconclusive** — d = +12, 2 s_p = 12.43: |d| within 2 s_p" in section
