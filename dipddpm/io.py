@@ -80,16 +80,21 @@ def write_csv_atomic(path: str | Path, rows, columns: list[str] | None = None) -
 
 
 def save_figure_atomic(path: str | Path, figure, svg: bool = False) -> Path:
-    """Save a matplotlib figure as PNG atomically (with svg=True also beside it as .svg) and close it."""
+    """Save a matplotlib figure as PNG atomically (with svg=True also beside it as .svg) and close it.
+    The SVG carries no date and fixed element ids: the same figure gives the same bytes (committed plots
+    change only when their data does)."""
     import io as _io
 
+    import matplotlib
     import matplotlib.pyplot as plt
 
     formats = ("png", "svg") if svg else ("png",)
     data = {}
     for fmt in formats:
         buffer = _io.BytesIO()
-        figure.savefig(buffer, format=fmt, dpi=100, bbox_inches="tight")
+        with matplotlib.rc_context({"svg.hashsalt": "dipddpm"}):
+            figure.savefig(buffer, format=fmt, dpi=100, bbox_inches="tight",
+                           metadata={"Date": None} if fmt == "svg" else None)
         data[fmt] = buffer.getvalue()
     plt.close(figure)
     for fmt in formats[1:]:

@@ -359,3 +359,22 @@ def test_a_job_that_averages_its_replicas_is_one_run_not_one_per_replica(tmp_pat
     assert cli([str(tmp_path / "sweep"), "--rows", "data.path", "--values", "psnr_final", "--out", str(out)]) == 0
     frame = pd.read_csv(out / "table.csv")
     assert frame["psnr_final_mean"].tolist() == [30.0] and frame["n"].tolist() == [1]
+
+
+def test_the_same_figure_saved_twice_gives_the_same_svg_bytes(tmp_path):
+    """Committed plots change only with their data: no date in the SVG, fixed element ids."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dipddpm.io import save_figure_atomic
+
+    saved = []
+    for name in ("a.png", "b.png"):
+        figure, axes = plt.subplots()
+        axes.bar(["x", "y"], [1.0, 2.0], yerr=[0.1, 0.2])
+        save_figure_atomic(tmp_path / name, figure, svg=True)
+        saved.append((tmp_path / name).with_suffix(".svg").read_bytes())
+    assert saved[0] == saved[1]
+    assert b"<dc:date>" not in saved[0] and b"clip-path" in saved[0]
