@@ -112,6 +112,12 @@ def reproducing_profiles(spec: dict) -> list[str] | None:
     return [str(name) for name in ([profiles] if isinstance(profiles, str) else profiles)]
 
 
+def reproduced_under(spec: dict, profile: str) -> bool:
+    """Whether ``dipddpm-reproduce <profile>`` runs this table (its ``table.profiles`` allows it)."""
+    only = reproducing_profiles(spec)
+    return only is None or profile in only
+
+
 def experiment_dir(output_root: Path, profile: str, experiment: str) -> Path:
     """Where an experiment's sweep of a profile lives: <output root>/reproduction/<profile>/<experiment>."""
     return Path(output_root) / "reproduction" / profile / experiment
@@ -360,7 +366,7 @@ def _section(entry: ReportTable, profile: str, output_root: Path, doc_dir: Path,
     title = str(spec.get("title") or entry.experiment)
     heading = title if title.startswith(entry.id.split(":")[0]) else f"{entry.id} — {title}"   # no "R4 ablation" twice
     only = reproducing_profiles(spec)
-    elsewhere = only is not None and profile not in only and not finished   # another profile's table
+    elsewhere = not reproduced_under(spec, profile) and not finished   # another profile's table
     ran = read_manifest(folder).get("overrides")       # what produced the results, else what would run now
     overrides = (ran if isinstance(ran, list) else sweep_overrides(entry, profile, baselines, extra)) + sweep_location(
         experiment_dir(Path("outputs"), profile, entry.experiment), Path("outputs"))
@@ -564,9 +570,10 @@ def reproduce(profile: str, pattern: str | None = None, extra: list[str] | None 
         for entry in chosen:
             folder = experiment_dir(output_root, profile, entry.experiment)
             overrides = sweep_overrides(entry, profile, baselines, extra)
-            only = reproducing_profiles(table_spec(entry.experiment))
-            if only is not None and profile not in only:
-                print(f"== {entry.experiment}: reproduced under {', '.join(only)} only (table.profiles)", flush=True)
+            spec = table_spec(entry.experiment)
+            if not reproduced_under(spec, profile):
+                print(f"== {entry.experiment}: reproduced under {', '.join(reproducing_profiles(spec))} only "
+                      "(table.profiles)", flush=True)
                 continue
             if launch == "missing" and is_up_to_date(folder, fingerprint, overrides):
                 print(f"== {entry.experiment}: up to date", flush=True)
