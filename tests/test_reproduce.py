@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from dipddpm.compare import build_table, gather
+from dipddpm.compare.plots import plot_bars
 from dipddpm.compare.claims import Side, judge, parse_claims, pooled_std, verdict
 from dipddpm.compare.claims import side as claim_side
 from dipddpm.errors import ConfigError
@@ -148,6 +149,21 @@ def test_collapsed_runs_are_counted_apart_beside_the_all_runs_figure(tmp_path):
     assert numeric.loc[("r1_traditional", "report"), "psnr_final_all_mean"] == pytest.approx(22.0)
     assert numeric.loc[("r1_traditional", "report"), "collapsed"] == 1
     assert "collapsed k of n" in table.markdown
+
+
+def test_a_cell_whose_every_run_collapsed_says_so_and_its_bar_too(tmp_path):
+    fake_experiment(tmp_path)
+    for seed in range(2):
+        fake_job(tmp_path, f"curriculum=r1_single,seed={seed},variant=report", curriculum="r1_single",
+                 variant="report", seed=seed, psnr=11.0 + seed, status="collapsed", collapsed=True)
+    spec = {"rows": ["curriculum", "variant"], "values": ["psnr_final"], "format": {"psnr_final": ".2f"}}
+    table = build_table(gather([tmp_path]), spec)
+    single = table.display.set_index(["curriculum", "variant"]).loc[("r1_single", "report")]
+    assert single["psnr_final"] == "all collapsed"
+    assert single["psnr_final (all runs)"] == f"11.50 ± {math.sqrt(0.5):.2f}"
+    assert (single["n"], single["collapsed"]) == (0, "2 of 2")
+    svg = plot_bars(table, tmp_path / "bars.png").with_suffix(".svg").read_text()
+    assert svg.count("all collapsed") == 1 and "missing" not in svg
 
 
 def test_uses_clean_image_column_per_row(tmp_path):

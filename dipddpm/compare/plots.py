@@ -10,7 +10,7 @@ import pandas as pd
 
 from dipddpm.compare.gather import field_values
 from dipddpm.compare.keys import Labels
-from dipddpm.compare.table import MISSING_CELL, ComparisonTable
+from dipddpm.compare.table import ALL_COLLAPSED_CELL, MISSING_CELL, ComparisonTable
 from dipddpm.io import save_figure_atomic
 
 MAX_LEGEND_ENTRIES = 30
@@ -126,8 +126,10 @@ def plot_bars(table: ComparisonTable, path) -> Path | None:
         chosen = finite & np.array([c == label for c in columns])
         axes.bar(positions[chosen], means[chosen], width=width, yerr=stds[chosen], capsize=3,
                  color=f"C{i % 10}", label=label or None)
-    for position in positions[~finite]:
-        axes.text(position, 0.0, MISSING_CELL, ha="center", va="bottom", rotation=90, fontsize="small")
+    collapsed = numeric["collapsed"].fillna(0).to_numpy(dtype=float) if "collapsed" in numeric else np.zeros(len(means))
+    for position, all_collapsed in zip(positions[~finite], collapsed[~finite] > 0):
+        axes.text(position, 0.0, ALL_COLLAPSED_CELL if all_collapsed else MISSING_CELL, ha="center", va="bottom",
+                  rotation=90, fontsize="small")
     if np.isfinite(reports).any():
         has_report = np.isfinite(reports)
         axes.scatter(positions[has_report], reports[has_report], marker="D", color="tab:red", zorder=3,

@@ -21,6 +21,7 @@ MEAN_ROW_LABEL = "mean"
 PREFERRED_VALUES = ["psnr_final", "ssim_final", "wall_seconds"]
 DEFAULT_FORMAT = ".4g"
 MISSING_CELL = "missing"
+ALL_COLLAPSED_CELL = "all collapsed"   # a cell whose every finished run collapsed: no learned mean
 UNPAIRED = "unpaired"
 LEARNED, COLLAPSED = "ok", "collapsed"   # statuses of runs that finished with metrics
 ALL_RUNS = " (all runs)"                 # header suffix of a value over learned and collapsed runs
@@ -343,6 +344,8 @@ def _run_row(layout: _Layout, row_key: tuple, kind: str, totals: dict, row_means
         key = dict(zip(layout.row_fields, row_key)) | dict(zip(layout.column_fields, col_key))
         numeric = dict(key)
         note = layout.cell_note(ok)
+        if note is None and not ok.any() and (members & layout.is_collapsed).any():
+            note = ALL_COLLAPSED_CELL
         for name in layout.values:
             summary = _summary(layout.numbers[name][ok])
             if kind == "regular":
