@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import random
 from dataclasses import dataclass
@@ -49,6 +51,19 @@ def apply_threads(threads) -> None:
     require(isinstance(threads, int) and threads >= 1, "threads", threads, "null or an integer >= 1")
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int):
+    """Run the block with torch on ``count`` CPU threads, then restore the previous count.
+    CPU float reductions split by thread count, so the same seeded training gives other weights
+    on another count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass

@@ -372,6 +372,25 @@ def test_load_or_train_with_info_round_trip_and_corrupt_file(tmp_path):
     assert trained
 
 
+def test_a_cached_network_gets_the_same_weights_whatever_the_jobs_thread_count(tmp_path):
+    """The digit classifier (1000 digits, 1 epoch) trained under 1 and under 2 torch threads: without
+    the cache's fixed training thread count the two differ in their float reductions."""
+    from dipddpm.digit_metrics import get_digit_classifier
+
+    def weights(threads: int) -> list[torch.Tensor]:
+        torch.set_num_threads(threads)
+        model = get_digit_classifier(tmp_path / f"threads{threads}", limit=1000, epochs=1)
+        assert torch.get_num_threads() == threads      # the job's own count is back afterwards
+        return [p.detach().clone() for p in model.parameters()]
+
+    before = torch.get_num_threads()
+    try:
+        one, two = weights(1), weights(2)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
 def test_ancestral_sampler_on_a_respaced_chain_matches_hand_update():
     """Two calls over the three-step schedule visit t = 2, 0; the chain's betas are
     1 - abar_2 / abar_0 and 1 - abar_0 (abar kept at the visited steps)."""

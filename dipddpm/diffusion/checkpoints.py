@@ -3,7 +3,10 @@
 ``cache_dir/<key>.pt`` holds ``{"key": key, "state_dict": ...}`` and ``<key>.json``
 holds the key config (and any info the trainer returned). Both are written through a
 temporary file in the same folder and ``os.replace``, so a reader never sees a partial
-file; if two processes train the same key at once, the last writer wins.
+file; if two processes train the same key at once, the last writer wins. Training runs on
+``TRAIN_THREADS`` CPU threads whatever the job's ``threads=``: on a CPU the weights then depend
+on the key alone (on one machine and torch build), so every job and every resumed sweep that
+shares an entry gets the same network whether it trains it or loads it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import torch
 from torch import nn
 
 from dipddpm.io import write_bytes_atomic, write_json_atomic
-from dipddpm.runtime import model_device
+from dipddpm.runtime import cpu_threads, model_device
+
+TRAIN_THREADS = 1
 
 
 def plain(obj):
@@ -95,7 +100,8 @@ def load_or_train_with_info(
             return model, False, info
         except Exception as error:  # unreadable or mismatched file: train again and overwrite it
             warnings.warn(f"cannot reuse checkpoint {weights} ({error}); training again", stacklevel=2)
-    model, info = train_fn(build_model())
+    with cpu_threads(TRAIN_THREADS):
+        model, info = train_fn(build_model())
     info = dict(info or {})
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     write_json_atomic(meta, {"key": key, "config": plain(key_config), "info": info})
