@@ -155,6 +155,14 @@ def sweep_overrides(entry: ReportTable, profile: str, baselines: str, extra: lis
     return args + list(extra)
 
 
+def cache_folder(output_root: Path, profile: str) -> Path:
+    """Where a profile's reproduction sweeps keep the networks they train (eps-nets, classifiers,
+    DIP fits): <output root>/reproduction/<profile>/cache, committed with the results, so a sweep
+    resumed on another machine loads the networks its finished jobs used instead of training
+    others (CPU training gives other float results on another CPU)."""
+    return Path(output_root) / "reproduction" / profile / "cache"
+
+
 def sweep_location(folder: Path, output_root: Path) -> list[str]:
     """The arguments that put a sweep in its reproduction folder (output_root: where the cache goes)."""
     location = [f"hydra.sweep.dir={Path(folder).as_posix()}"]
@@ -579,7 +587,8 @@ def reproduce(profile: str, pattern: str | None = None, extra: list[str] | None 
                 print(f"== {entry.experiment}: up to date", flush=True)
                 continue
             print(f"== {entry.experiment} (profile={profile})", flush=True)
-            arguments = overrides + sweep_location(folder, output_root)
+            arguments = overrides + sweep_location(folder, output_root) + [
+                f"cache_dir={cache_folder(output_root, profile).as_posix()}"]
             code = subprocess.call([sys.executable, "-m", "dipddpm.train", *arguments])
             failures += code != 0
             if folder.is_dir():

@@ -220,6 +220,7 @@ def test_regeneration_only_when_up_to_date_and_a_missing_job_launches(tmp_path, 
     assert not any(f"experiment={EXPERIMENT}" in c for c in launched)
     assert not any("experiment=denoise/zero_shot" in c for c in launched)   # table.profiles: [faithful]
     assert len(launched) == len(rp.tables()) - 2
+    assert all(c[-1] == f"cache_dir={(root / 'reproduction' / 'smoke' / 'cache').as_posix()}" for c in launched)
     launched.clear()
     began = time.perf_counter()
     assert rp.reproduce("smoke", EXPERIMENT, [], root, doc) == 0
@@ -256,7 +257,8 @@ def test_regeneration_only_when_up_to_date_and_a_missing_job_launches(tmp_path, 
 
     (folder / "curriculum=r1_gradual,seed=1,variant=report" / "result.json").unlink()
     assert rp.reproduce("smoke", EXPERIMENT, [], root, doc) == 0
-    assert len(launched) == 1 and launched[0][1:] == ["-m", "dipddpm.train", *overrides, *location]
+    assert len(launched) == 1 and launched[0][1:] == ["-m", "dipddpm.train", *overrides, *location,
+                                                        f"cache_dir={(root / 'reproduction' / 'smoke' / 'cache').as_posix()}"]
 
 
 def test_a_launch_that_skips_every_job_still_leaves_the_table_of_the_current_spec(tmp_path, monkeypatch):
