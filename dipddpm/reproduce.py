@@ -163,9 +163,11 @@ def cache_folder(output_root: Path, profile: str) -> Path:
     return Path(output_root) / "reproduction" / profile / "cache"
 
 
-def sweep_location(folder: Path, output_root: Path) -> list[str]:
-    """The arguments that put a sweep in its reproduction folder (output_root: where the cache goes)."""
-    location = [f"hydra.sweep.dir={Path(folder).as_posix()}"]
+def sweep_location(folder: Path, output_root: Path, profile: str) -> list[str]:
+    """The arguments that put a sweep in its reproduction folder and its trained networks in the
+    profile's committed cache (output_root: the results root)."""
+    location = [f"hydra.sweep.dir={Path(folder).as_posix()}",
+                f"cache_dir={cache_folder(output_root, profile).as_posix()}"]
     return location + ([] if Path(output_root) == Path("outputs") else [f"output_root={Path(output_root).as_posix()}"])
 
 
@@ -377,7 +379,7 @@ def _section(entry: ReportTable, profile: str, output_root: Path, doc_dir: Path,
     elsewhere = not reproduced_under(spec, profile) and not finished   # another profile's table
     ran = read_manifest(folder).get("overrides")       # what produced the results, else what would run now
     overrides = (ran if isinstance(ran, list) else sweep_overrides(entry, profile, baselines, extra)) + sweep_location(
-        experiment_dir(Path("outputs"), profile, entry.experiment), Path("outputs"))
+        experiment_dir(Path("outputs"), profile, entry.experiment), Path("outputs"), profile)
     lines = [f"## {heading}", "",
              f"Experiment `{entry.experiment}`: not a `{profile}` sweep (its `table.profiles`: {', '.join(only)}), "
              f"so `dipddpm-reproduce {profile}` launches nothing for it." if elsewhere else
@@ -587,8 +589,7 @@ def reproduce(profile: str, pattern: str | None = None, extra: list[str] | None 
                 print(f"== {entry.experiment}: up to date", flush=True)
                 continue
             print(f"== {entry.experiment} (profile={profile})", flush=True)
-            arguments = overrides + sweep_location(folder, output_root) + [
-                f"cache_dir={cache_folder(output_root, profile).as_posix()}"]
+            arguments = overrides + sweep_location(folder, output_root, profile)
             code = subprocess.call([sys.executable, "-m", "dipddpm.train", *arguments])
             failures += code != 0
             if folder.is_dir():
